@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create or refresh the project's virtual environment (.venv) and install
+# embedlink into it. Usage: scripts/setup.sh [extras], e.g. scripts/setup.sh test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  # Debian's python3 ships venv separately.
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+  else
+    echo "python3 venv support is missing: install python3-venv" >&2; exit 1
+  fi
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+extras=${1:-}
+spec="."
+[ -n "$extras" ] && spec=".[${extras}]"
+stamp=".venv/.embedlink-installed-${extras:-base}"
+# Reinstall only when the project's metadata changed since the last install.
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e "$spec"
+  touch "$stamp"
+fi
