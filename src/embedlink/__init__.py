@@ -4,6 +4,10 @@ The public surface is what ``__all__`` lists; everything else is private and
 may change. ``tests/unit/test_exported_members.py`` pins it.
 """
 
+from .bootstrap import BootstrapClient, BootstrapError, BootstrapServer
+from .embedding import Embedding
+from .encoder import EncoderEndpoint, Sender
+from .language import LanguageEndpoint, Receiver
 from .memory import BlockAllocator, BufferPool
 from .protocol import (
     PROTOCOL_VERSION,
@@ -21,12 +25,20 @@ __version__ = "0.1.0"
 __all__ = [
     "PROTOCOL_VERSION",
     "BlockAllocator",
+    "BootstrapClient",
+    "BootstrapError",
+    "BootstrapServer",
     "BufferPool",
     "BufferSchema",
+    "Embedding",
     "EmbedlinkError",
+    "EncoderEndpoint",
     "FieldSpec",
+    "LanguageEndpoint",
     "LocalProtocolError",
+    "Receiver",
     "RemoteProtocolError",
+    "Sender",
     "Status",
     "TransferError",
     "__version__",

@@ -57,7 +57,8 @@ class BufferPool:
 
     ``buffer``, when given, is a writable buffer of at least :attr:`nbytes`
     bytes to lay the pool out in (shared memory, pinned memory); otherwise the
-    pool allocates its own. The pool never frees a buffer it did not allocate.
+    pool allocates its own. ``segment`` names the shared-memory segment that
+    ``buffer`` belongs to, so the ``shm`` transport can offer it to peers. The pool never frees a buffer it did not allocate.
     """
 
     def __init__(
@@ -67,8 +68,11 @@ class BufferPool:
         block_size: int,
         *,
         buffer: Any | None = None,
+        segment: str | None = None,
     ) -> None:
         self.schema = schema
+        #: Name of the shared-memory segment holding ``buffer``, if any.
+        self.segment = segment
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.layout, self.nbytes = pool_layout(schema, num_blocks, block_size)
@@ -242,6 +246,17 @@ class BlockAllocator:
                 if left is not None and left <= 0:
                     return None
                 self._cond.wait(left)
+
+    def wait_all_free(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until every block is free; True if so."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._used:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
 
     def free(self, blocks: Iterable[BlockId]) -> None:
         """Return ``blocks``. All or nothing: an unallocated block raises ValueError."""

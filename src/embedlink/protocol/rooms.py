@@ -293,7 +293,10 @@ class SenderRoom(_Room):
         if self.done:
             out.append(
                 self._refuse(
-                    req.session, req.epoch, f"room {self.room} already ended {self.status}"
+                    req.session,
+                    req.epoch,
+                    f"room {self.room} already ended {self.status}"
+                    + (f": {self.failure_reason}" if self.failure_reason else ""),
                 )
             )
             return out

@@ -1,0 +1,168 @@
+"""The I/O thread each endpoint runs: one owner for its ZeroMQ sockets and rooms.
+
+ZeroMQ sockets are not thread-safe, and the room state machines are not
+either, so one thread owns both (after pyzmq's guidance and httpcore's "small
+loop around a state machine"). Other threads (the user's, transport workers)
+never touch them: they :meth:`Loop.call` a function, which is queued and run on
+the loop thread. A pipe wakes the poller so queued calls run at once instead of
+at the next poll timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Loop"]
+
+SocketHandler = Callable[[zmq.Socket[bytes]], None]
+
+
+class Loop:
+    """A thread running a zmq poller, queued calls and a periodic tick."""
+
+    def __init__(
+        self, name: str, *, tick: Callable[[float], None], tick_interval: float = 0.1
+    ) -> None:
+        self.name = name
+        self._tick = tick
+        self._tick_interval = tick_interval
+        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = (
+            queue.SimpleQueue()
+        )
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        self._poller = zmq.Poller()
+        self._poller.register(self._rfd, zmq.POLLIN)
+        self._handlers: dict[zmq.Socket[bytes], SocketHandler] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._stopped = threading.Event()
+        self.errors = 0  # exceptions caught by the loop (a bug if ever non-zero)
+
+    # -- any thread
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop thread, in submission order."""
+        self._calls.put((fn, args))
+        try:
+            os.write(self._wfd, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full, so the loop is already awake
+        except OSError:
+            pass  # closed: the loop is gone
+
+    def call_wait(self, fn: Callable[..., Any], *args: Any, timeout: float = 10.0) -> Any:
+        """Run ``fn(*args)`` on the loop thread and return its result."""
+        if self.on_loop_thread():
+            return fn(*args)
+        done = threading.Event()
+        box: list[Any] = []
+
+        def run() -> None:
+            try:
+                box.append((True, fn(*args)))
+            except BaseException as exc:
+                box.append((False, exc))
+            finally:
+                done.set()
+
+        self.call(run)
+        if not done.wait(timeout):
+            raise TimeoutError(f"{self.name}: loop did not answer within {timeout}s")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    def on_loop_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is None:
+            return
+        self.call(self._set_stopping)
+        if not self.on_loop_thread():
+            self._thread.join(timeout)
+        self._close_pipe()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- loop thread
+
+    def add_socket(self, sock: zmq.Socket[bytes], handler: SocketHandler) -> None:
+        self._handlers[sock] = handler
+        self._poller.register(sock, zmq.POLLIN)
+
+    def remove_socket(self, sock: zmq.Socket[bytes]) -> None:
+        if self._handlers.pop(sock, None) is not None:
+            self._poller.unregister(sock)
+
+    def _set_stopping(self) -> None:
+        self._stopping = True
+
+    def _close_pipe(self) -> None:
+        for fd in (self._rfd, self._wfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._rfd = self._wfd = -1
+
+    def _run(self) -> None:
+        next_tick = time.monotonic() + self._tick_interval
+        while not self._stopping:
+            timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000) + 1)
+            try:
+                ready = dict(self._poller.poll(timeout_ms))
+            except zmq.ZMQError as exc:
+                log.error("%s: poll failed: %s", self.name, exc)
+                break
+            if self._rfd in ready:
+                try:
+                    while os.read(self._rfd, 4096):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+            self._run_calls()
+            for sock, handler in list(self._handlers.items()):
+                if sock in ready:
+                    self._guard(handler, sock)
+            now = time.monotonic()
+            if now >= next_tick:
+                self._guard(self._tick, now)
+                next_tick = now + self._tick_interval
+        self._run_calls()
+        self._stopped.set()
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, args = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            self._guard(fn, *args)
+
+    def _guard(self, fn: Callable[..., Any], *args: Any) -> None:
+        # The loop must outlive any one bad input or bug: log, count, continue.
+        try:
+            fn(*args)
+        except Exception:
+            self.errors += 1
+            log.exception("%s: error in %s", self.name, getattr(fn, "__name__", fn))

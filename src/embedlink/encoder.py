@@ -1,0 +1,501 @@
+"""The sending side: :class:`EncoderEndpoint` and its per-room :class:`Sender`.
+
+An encoder endpoint owns a block pool, a ZeroMQ ROUTER socket on which
+language ranks register and request rooms, a pool of data-plane writer
+threads, and the :class:`~embedlink.protocol.SenderRoom` of every live room.
+It registers its control address with the bootstrap server.
+
+Threads: the endpoint's loop thread owns the socket and the room table; the
+writer threads only move bytes and report back to the loop; the user's thread
+copies embeddings into the pool (``send``) and reads statuses (``poll``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import zmq
+
+from ._host import host_id
+from ._loop import Loop
+from .bootstrap import BootstrapClient, RouteInfo
+from .embedding import Embedding, to_pool_arrays
+from .memory import BlockAllocator, BufferPool
+from .protocol import (
+    AUX_FIELD,
+    Abort,
+    Action,
+    BufferSchema,
+    Drop,
+    FreeBlocks,
+    Heartbeat,
+    Message,
+    Register,
+    RemoteProtocolError,
+    Resume,
+    RoomId,
+    Send,
+    SenderRoom,
+    SessionId,
+    Status,
+    StatusChanged,
+    StatusUpdate,
+    TransferError,
+    TransferRequest,
+    WriteChunk,
+    decode,
+    encode,
+)
+from .sim import checksum
+from .transports import PeerWriter, TransportError, TransportUnavailable, get_backend
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EncoderEndpoint", "Sender"]
+
+
+@dataclass
+class _Peer:
+    session: SessionId
+    identity: bytes
+    register: Register
+    writer: PeerWriter | None = None
+    transport: str | None = None
+    refused: str | None = None
+    regions: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class EndpointStats:
+    """Counters an operator (and the tests) can read."""
+
+    dropped_messages: int = 0
+    ignored_inputs: int = 0
+    bytes_written: int = 0
+    chunks_written: int = 0
+    write_failures: int = 0
+
+
+class Sender:
+    """One room on the encoder side. Obtain from :meth:`EncoderEndpoint.sender`."""
+
+    def __init__(self, endpoint: EncoderEndpoint, room: SenderRoom) -> None:
+        self._ep = endpoint
+        self._room = room
+        self.room: RoomId = room.room
+        self._sent = False
+
+    def send(self, emb: Embedding, *, timeout: float | None = None) -> None:
+        """Copy ``emb`` into the encoder pool and start sending it.
+
+        Called once per room. The caller may reuse its arrays as soon as this
+        returns. Raises ValueError (naming the field) when ``emb`` does not
+        match the schema or is larger than the whole pool; waits up to
+        ``timeout`` seconds (default: the room timeout) for free blocks, then
+        fails the room and raises :class:`TransferError`.
+        """
+        if self._sent:
+            raise ValueError(f"room {self.room}: send() was already called")
+        ep = self._ep
+        n, arrays = to_pool_arrays(emb, ep.schema)
+        need = -(-n // ep.block_size)
+        if need > ep.num_blocks:
+            raise ValueError(
+                f"room {self.room}: {n} tokens need {need} blocks but the encoder pool has {ep.num_blocks}"
+            )
+        self._sent = True
+        wait = ep.room_timeout if timeout is None else timeout
+        blocks = ep.allocator.alloc_wait(need, wait)
+        if blocks is None:
+            reason = f"no free encoder blocks for {n} tokens within {wait:g}s"
+            ep._loop.call(ep._abort_room, self._room, reason)
+            raise TransferError(self.room, reason)
+        try:
+            ep.pool.scatter(blocks, arrays)
+            aux = ep.pool.aux[blocks[0]]
+            aux["total_tokens"] = n
+            aux["mrope_position_delta"] = emb.mrope_position_delta
+            aux["checksum"] = checksum(arrays) if ep.checksums else 0
+            aux["flags"] = 1 if ep.checksums else 0
+        except BaseException:
+            ep.allocator.free(blocks)
+            raise
+        ep._loop.call(ep._data_ready, self._room, n, blocks)
+
+    def poll(self) -> Status:
+        """The room's status now; never blocks."""
+        return self._room.status
+
+    @property
+    def failure_reason(self) -> str | None:
+        return self._room.failure_reason
+
+    @property
+    def history(self) -> list[tuple[Status, int]]:
+        return self._room.history
+
+    def wait(self, timeout: float | None = None) -> Status:
+        """Block until the room is terminal (or ``timeout``); return its status."""
+        ev = self._ep._events.get(self._room)
+        if ev is not None and not self._room.done:
+            ev.wait(timeout)
+        return self._room.status
+
+    def abort(self, reason: str = "aborted by sender") -> None:
+        """Give up on the room; destinations are told. No-op once terminal."""
+        self._ep._loop.call(self._ep._abort_room, self._room, reason)
+
+    def clear(self) -> None:
+        """Forget the room (call after it ended); an unfinished room is aborted first."""
+        self._ep._loop.call(self._ep._clear_room, self._room)
+
+
+class EncoderEndpoint:
+    """The sending side of embedlink for one encoder rank."""
+
+    def __init__(
+        self,
+        schema: BufferSchema,
+        *,
+        bootstrap: str | None = None,
+        num_blocks: int = 1024,
+        block_size: int = 128,
+        transports: Sequence[str] = ("shm", "tcp"),
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        dp_size: int = 1,
+        dp_rank: int = 0,
+        host: str = "127.0.0.1",
+        advertise_host: str | None = None,
+        port: int = 0,
+        room_timeout: float = 60.0,
+        write_workers: int = 4,
+        checksums: bool = False,
+    ) -> None:
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank={tp_rank} must be in [0, tp_size={tp_size})")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        if room_timeout <= 0:
+            raise ValueError(f"room_timeout must be positive, got {room_timeout}")
+        for t in transports:
+            get_backend(t)  # unknown names fail here, at construction
+        self.schema = schema
+        self.bootstrap = bootstrap
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.transports = tuple(transports)
+        self.tp_rank, self.tp_size, self.dp_size, self.dp_rank = tp_rank, tp_size, dp_size, dp_rank
+        self.host = host
+        self.advertise_host = advertise_host or host
+        self.port = port
+        self.room_timeout = room_timeout
+        self.checksums = checksums
+        self.pool = BufferPool(schema, num_blocks, block_size)
+        self.allocator = BlockAllocator(num_blocks)
+        self.stats = EndpointStats()
+        self._field_names = [*schema.names, AUX_FIELD]
+        self._rooms: dict[RoomId, SenderRoom] = {}
+        self._events: dict[SenderRoom, threading.Event] = {}  # by identity
+        self._early: dict[RoomId, list[tuple[float, bytes, Message]]] = {}
+        self._peers: dict[SessionId, _Peer] = {}
+        self._lock = threading.Lock()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._sock: zmq.Socket[bytes] | None = None
+        self._workers = ThreadPoolExecutor(
+            max_workers=write_workers, thread_name_prefix="embedlink-write"
+        )
+        self._loop = Loop(f"embedlink-encoder-{tp_rank}", tick=self._tick)
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the control plane, as advertised to peers."""
+        return f"{self.advertise_host}:{self.port}"
+
+    def start(self) -> EncoderEndpoint:
+        if self._started:
+            return self
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 << 20)
+        if self.port:
+            sock.bind(f"tcp://{self.host}:{self.port}")
+        else:
+            self.port = sock.bind_to_random_port(f"tcp://{self.host}")
+        self._sock = sock
+        self._loop.add_socket(sock, self._on_readable)
+        self._loop.start()
+        self._started = True
+        if self.bootstrap:
+            BootstrapClient(self.bootstrap).register(
+                RouteInfo(
+                    role="encoder",
+                    tp_size=self.tp_size,
+                    dp_size=self.dp_size,
+                    rank_ip=self.advertise_host,
+                    rank_port=self.port,
+                    engine_rank=self.tp_rank,
+                    dp_group=self.dp_rank,
+                )
+            )
+        log.info("encoder rank %d listening on %s", self.tp_rank, self.address)
+        return self
+
+    def close(self) -> None:
+        """Stop threads, close sockets and peer writers. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            self._loop.stop()
+        self._workers.shutdown(wait=True, cancel_futures=True)
+        for p in self._peers.values():
+            if p.writer is not None:
+                p.writer.close()
+        if self._sock is not None:
+            self._sock.close(0)
+        if self._ctx is not None:
+            self._ctx.term()
+        self.allocator.wake()
+
+    def __enter__(self) -> EncoderEndpoint:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- public API
+
+    def sender(self, room: RoomId) -> Sender:
+        """A :class:`Sender` for ``room``. Either side may come first. ValueError
+        when a room with this id is still live (clear it first)."""
+        if not self._started or self._closed:
+            raise RuntimeError("the endpoint is not running (start() it first)")
+        r = SenderRoom(
+            room,
+            schema=self.schema,
+            block_size=self.block_size,
+            now=time.monotonic(),
+            timeout=self.room_timeout,
+            src_num_blocks=self.num_blocks,
+        )
+        with self._lock:
+            if room in self._rooms:
+                raise ValueError(f"room {room} is still live on this encoder; clear() it first")
+            self._rooms[room] = r
+            self._events[r] = threading.Event()
+        self._loop.call(self._adopt_early, r)
+        return Sender(self, r)
+
+    def room_count(self) -> int:
+        return len(self._rooms)
+
+    def pool_usage(self) -> tuple[int, int]:
+        """``(used, total)`` blocks."""
+        return self.allocator.num_used, self.num_blocks
+
+    def sessions(self) -> dict[SessionId, str | None]:
+        """Registered language sessions and the transport chosen for each."""
+        return {s: p.transport for s, p in self._peers.items()}
+
+    # -- loop thread
+
+    def _adopt_early(self, room: SenderRoom) -> None:
+        for _, identity, msg in self._early.pop(room.room, []):
+            self._dispatch(identity, msg)
+
+    def _data_ready(self, room: SenderRoom, n: int, blocks: list[int]) -> None:
+        self._run(room, room.data_ready(n, blocks, time.monotonic()))
+
+    def _abort_room(self, room: SenderRoom, reason: str) -> None:
+        self._run(room, room.abort(time.monotonic(), reason))
+
+    def _clear_room(self, room: SenderRoom) -> None:
+        if not room.done:
+            self._run(room, room.abort(time.monotonic(), "cleared before it finished"))
+        with self._lock:
+            if self._rooms.get(room.room) is room:
+                del self._rooms[room.room]
+                self._events.pop(room, None)
+
+    def _on_readable(self, sock: zmq.Socket[bytes]) -> None:
+        for _ in range(256):  # bounded, so timers and calls still run under load
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self.stats.dropped_messages += 1
+                continue
+            identity, payload = frames
+            try:
+                msg = decode(payload)
+            except RemoteProtocolError as exc:
+                self.stats.dropped_messages += 1
+                log.warning("encoder: dropped a bad control message: %s", exc)
+                continue
+            self._dispatch(identity, msg)
+
+    def _dispatch(self, identity: bytes, msg: Message) -> None:
+        now = time.monotonic()
+        if isinstance(msg, Register):
+            self._on_register(identity, msg)
+            return
+        if isinstance(msg, Heartbeat):
+            if msg.reply:
+                self._send_raw(identity, Heartbeat(session=msg.session, seq=msg.seq, reply=False))
+            return
+        if isinstance(msg, StatusUpdate):
+            self.stats.dropped_messages += 1
+            return
+        peer = self._peers.get(msg.session)
+        if peer is None or peer.refused is not None:
+            why = "session not registered" if peer is None else peer.refused
+            if not isinstance(msg, Abort) or peer is None:
+                self._refuse(identity, msg.room, msg.epoch, f"refused: {why}")
+            return
+        peer.identity = identity
+        room = self._rooms.get(msg.room)
+        if room is None:
+            if isinstance(msg, TransferRequest):
+                self._early.setdefault(msg.room, []).append((now, identity, msg))
+            else:
+                # Unknown room: answer so the peer can release what it holds.
+                self._refuse(
+                    identity, msg.room, msg.epoch, f"unknown room {msg.room} on this encoder"
+                )
+            return
+        if isinstance(msg, TransferRequest):
+            acts = room.request(msg, now, dst_num_blocks=peer.register.num_blocks)
+        elif isinstance(msg, Resume):
+            acts = room.resume(msg, now)
+        else:
+            acts = room.peer_abort(msg, now)
+        self._run(room, acts)
+
+    def _on_register(self, identity: bytes, msg: Register) -> None:
+        old = self._peers.get(msg.session)
+        if old is not None and old.writer is not None:
+            old.writer.close()
+        peer = _Peer(msg.session, identity, msg)
+        self._peers[msg.session] = peer
+        mine = self.schema.describe()
+        theirs = [(f.name, list(f.shape), f.dtype) for f in msg.schema]
+        if mine != theirs:
+            peer.refused = f"schema mismatch: encoder has {mine}, language has {theirs}"
+            log.warning("encoder: refusing session %s: %s", msg.session, peer.refused)
+            return
+        peer.regions = {r.field: r.nbytes for r in msg.regions}
+        tried: list[str] = []
+        for offer in msg.transports:
+            if offer.name not in self.transports:
+                continue
+            try:
+                backend = get_backend(offer.name)
+                if not backend.reachable(offer, host_id=host_id()):
+                    tried.append(f"{offer.name}: not reachable from here")
+                    continue
+                peer.writer = backend.connect(
+                    offer, regions=peer.regions, field_names=self._field_names, timeout=10.0
+                )
+                peer.transport = offer.name
+                break
+            except (TransportUnavailable, TransportError) as exc:
+                tried.append(f"{offer.name}: {exc}")
+        if peer.writer is None:
+            offered = [o.name for o in msg.transports]
+            peer.refused = (
+                f"no common transport: language offers {offered}, encoder has "
+                f"{list(self.transports)}" + (f" ({'; '.join(tried)})" if tried else "")
+            )
+            log.warning("encoder: refusing session %s: %s", msg.session, peer.refused)
+        else:
+            log.info("encoder: session %s registered, transport %s", msg.session, peer.transport)
+
+    def _refuse(self, identity: bytes, room: RoomId, epoch: int, reason: str) -> None:
+        self._send_raw(
+            identity,
+            StatusUpdate(
+                room=room,
+                epoch=epoch,
+                status=Status.Failed,
+                sent_tokens=0,
+                total_tokens=0,
+                reason=reason,
+            ),
+        )
+
+    def _send_raw(self, identity: bytes, msg: Message) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.send_multipart([identity, encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or queue full
+            self.stats.dropped_messages += 1
+            log.info("encoder: could not send %s: %s", type(msg).__name__, exc)
+
+    def _run(self, room: SenderRoom, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                peer = self._peers.get(a.to) if a.to is not None else None
+                if peer is not None:
+                    self._send_raw(peer.identity, a.msg)
+            elif isinstance(a, WriteChunk):
+                self._workers.submit(self._write, room, a)
+            elif isinstance(a, FreeBlocks):
+                self.allocator.free(a.blocks)
+            elif isinstance(a, StatusChanged):
+                if a.new.is_terminal:
+                    ev = self._events.get(room)
+                    if ev is not None:
+                        ev.set()
+                    if a.new is Status.Failed:
+                        log.info("encoder: room %d failed: %s", room.room, a.reason)
+            elif isinstance(a, Drop):
+                self.stats.ignored_inputs += 1
+                log.debug("encoder: %s", a.reason)
+
+    def _write(self, room: SenderRoom, w: WriteChunk) -> None:
+        """Writer thread: move the bytes, then report to the loop."""
+        peer = self._peers.get(w.dst)
+        ok, reason = True, None
+        if peer is None or peer.writer is None:
+            ok, reason = False, f"no data-plane connection to {w.dst}"
+        else:
+            try:
+                peer.writer.write(w.plan.copies, self.pool, timeout=self.room_timeout)
+            except TransportError as exc:
+                ok, reason = False, str(exc)
+            except Exception as exc:  # a bug in a backend must still end the room
+                ok, reason = False, f"{type(exc).__name__}: {exc}"
+        if ok:
+            self.stats.bytes_written += w.plan.nbytes
+            self.stats.chunks_written += 1
+        else:
+            self.stats.write_failures += 1
+        self._loop.call(self._write_done, room, w.dst, ok, reason)
+
+    def _write_done(self, room: SenderRoom, dst: SessionId, ok: bool, reason: str | None) -> None:
+        self._run(room, room.write_done(dst, ok, time.monotonic(), reason))
+
+    def _tick(self, now: float) -> None:
+        for room in list(self._rooms.values()):
+            if not room.done:
+                self._run(room, room.tick(now))
+        # A request that came before sender(room) waits at most one room timeout.
+        ttl = self.room_timeout
+        expired = [r for r, reqs in self._early.items() if reqs and now - reqs[0][0] > ttl]
+        for r in expired:
+            for _, identity, msg in self._early.pop(r):
+                assert isinstance(msg, TransferRequest)
+                self._refuse(identity, r, msg.epoch, f"no sender for room {r} within {ttl:g}s")

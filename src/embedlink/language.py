@@ -1,0 +1,503 @@
+"""The receiving side: :class:`LanguageEndpoint` and its per-room :class:`Receiver`.
+
+A language endpoint owns a block pool (in shared memory when ``shm`` is
+offered), the transport servers that let encoders write into it, one ZeroMQ
+DEALER per encoder rank it talks to, and the
+:class:`~embedlink.protocol.ReceiverRoom` of every live room. It drives
+resumes itself: after each partial chunk it copies the data out into the
+request's own arrays, frees the blocks, reserves the rest (or what the pool
+has) and asks the encoder to resume. When the pool is full, reservations queue
+and are retried whenever blocks are freed.
+
+Deadlock avoidance: a first reservation can wait for data the encoder cannot
+produce until its own pool drains, and the encoder pool drains only when the
+rooms it holds are resumed. So resumes are served before first reservations,
+and first reservations never take the last ``resume_headroom`` blocks: a
+resume always finds blocks eventually, every resumed room finishes, the
+encoder frees its pool, and the rooms waiting on it can proceed.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from ._host import host_id
+from ._loop import Loop
+from .bootstrap import BootstrapClient
+from .embedding import Embedding, from_pool_arrays
+from .memory import BlockAllocator, BufferPool
+from .protocol import (
+    AUX_FIELD,
+    Abort,
+    Action,
+    BufferSchema,
+    Drop,
+    FieldDesc,
+    FreeBlocks,
+    Harvest,
+    Heartbeat,
+    ReceiverRoom,
+    RegionDesc,
+    Register,
+    RemoteProtocolError,
+    Reserve,
+    RoomId,
+    Send,
+    Status,
+    StatusChanged,
+    StatusUpdate,
+    TransferError,
+    decode,
+    encode,
+)
+from .transports import TransportServer, get_backend
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LanguageEndpoint", "Receiver", "route_for"]
+
+
+def route_for(
+    lang_tp_rank: int, lang_tp_size: int, lang_dp_size: int, enc_tp_size: int
+) -> tuple[int, int]:
+    """``(encoder_rank, required_dst_info_num)`` for a language rank (SGLang's mapping).
+
+    With ``L = lang_tp_size // lang_dp_size`` language ranks per dp group and
+    ``E`` encoder ranks: when ``L > E`` each encoder rank serves ``L // E``
+    language ranks, all of which must receive every room; otherwise language
+    rank ``r`` receives from encoder rank ``r`` alone.
+    """
+    per_group = max(1, lang_tp_size // lang_dp_size)
+    r = lang_tp_rank % per_group
+    if per_group > enc_tp_size:
+        ratio = per_group // enc_tp_size
+        return r // ratio, ratio
+    return r % enc_tp_size, 1
+
+
+@dataclass
+class _Encoder:
+    address: str
+    sock: zmq.Socket[bytes]
+
+
+@dataclass
+class _Live:
+    room: ReceiverRoom
+    encoder: _Encoder | None
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
+    aux: Any = None
+    queued: bool = False  # waiting in the reservation queue
+
+
+class Receiver:
+    """One room on the language side. Obtain from :meth:`LanguageEndpoint.receiver`."""
+
+    def __init__(self, endpoint: LanguageEndpoint, live: _Live) -> None:
+        self._ep = endpoint
+        self._live = live
+        self.room: RoomId = live.room.room
+
+    def poll(self) -> Status:
+        """The room's status now; never blocks."""
+        return self._live.room.status
+
+    @property
+    def failure_reason(self) -> str | None:
+        return self._live.room.failure_reason
+
+    @property
+    def history(self) -> list[tuple[Status, int]]:
+        """``(status, sent_tokens)`` in the order observed."""
+        return self._live.room.history
+
+    @property
+    def epoch(self) -> int:
+        return self._live.room.epoch
+
+    def wait(self, timeout: float | None = None) -> Embedding:
+        """Block until the room ends and return the reassembled embedding.
+
+        Raises :class:`TransferError` (room ``Failed``) with the reason, or
+        ``TimeoutError`` when ``timeout`` passes first (the room is untouched).
+        """
+        if not self._live.done.wait(timeout):
+            raise TimeoutError(f"room {self.room} still {self.poll()} after {timeout}s")
+        room = self._live.room
+        if room.status is not Status.Success:
+            raise TransferError(self.room, room.failure_reason or "failed")
+        delta = int(self._live.aux["mrope_position_delta"]) if self._live.aux is not None else 0
+        return from_pool_arrays(self._live.result, delta)
+
+    @property
+    def aux(self) -> Any:
+        """The aux record (total_tokens, mrope_position_delta, checksum, flags) once known."""
+        return self._live.aux
+
+    def abort(self, reason: str = "aborted by receiver") -> None:
+        """Give up on the room; the encoder is told. No-op once terminal."""
+        self._ep._loop.call(self._ep._abort_room, self._live, reason)
+
+    def clear(self) -> None:
+        """Forget the room; an unfinished room is aborted first. Blocks the encoder
+        may still write into stay reserved until it acknowledges."""
+        self._ep._loop.call(self._ep._clear_room, self._live)
+
+
+class LanguageEndpoint:
+    """The receiving side of embedlink for one language (prefill) rank."""
+
+    def __init__(
+        self,
+        schema: BufferSchema,
+        *,
+        num_blocks: int = 1024,
+        block_size: int = 128,
+        default_tokens: int = 1024,
+        transports: Sequence[str] = ("shm", "tcp"),
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        dp_size: int = 1,
+        host: str = "127.0.0.1",
+        room_timeout: float = 60.0,
+        resume_headroom: int | None = None,
+    ) -> None:
+        if not transports:
+            raise ValueError("offer at least one transport")
+        if default_tokens <= 0:
+            raise ValueError(f"default_tokens must be positive, got {default_tokens}")
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank={tp_rank} must be in [0, tp_size={tp_size})")
+        if room_timeout <= 0:
+            raise ValueError(f"room_timeout must be positive, got {room_timeout}")
+        if default_tokens > num_blocks * block_size:
+            raise ValueError(
+                f"default_tokens={default_tokens} exceeds the pool's {num_blocks * block_size} tokens"
+            )
+        self._backends = [get_backend(t) for t in transports]
+        self.schema = schema
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.default_tokens = default_tokens
+        self.transports = tuple(transports)
+        self.tp_rank, self.tp_size, self.dp_size = tp_rank, tp_size, dp_size
+        self.host = host
+        self.room_timeout = room_timeout
+        self.session = f"lang-{tp_rank}-{uuid.uuid4().hex[:16]}"
+        self._shared: Any = None
+        if "shm" in self.transports:
+            from .transports.shm import create_shared_pool
+
+            self._shared = create_shared_pool(schema, num_blocks, block_size)
+            self.pool: BufferPool = self._shared.pool
+        else:
+            self.pool = BufferPool(schema, num_blocks, block_size)
+        self.allocator = BlockAllocator(num_blocks)
+        #: blocks first reservations leave for resumes (default: 1/8 of the pool, at least 1)
+        self.resume_headroom = (
+            max(1, num_blocks // 8) if resume_headroom is None else resume_headroom
+        )
+        if not 0 <= self.resume_headroom < num_blocks:
+            raise ValueError(f"resume_headroom={self.resume_headroom} must be in [0, {num_blocks})")
+        self._servers: list[TransportServer] = []
+        self._encoders: dict[str, _Encoder] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}  # bootstrap -> encoder (tp, dp)
+        self._routes: dict[tuple[str, int, int], tuple[str, int]] = {}
+        self._rooms: dict[RoomId, _Live] = {}
+        self._zombies: dict[tuple[RoomId, int], _Live] = {}
+        # rooms waiting for blocks: resumes first, then first reservations
+        self._resumes: collections.deque[tuple[_Live, int]] = collections.deque()
+        self._firsts: collections.deque[tuple[_Live, int]] = collections.deque()
+        self._lock = threading.Lock()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._loop = Loop(f"embedlink-language-{tp_rank}", tick=self._tick)
+        self._started = False
+        self._closed = False
+        self.dropped_messages = 0
+        self.ignored_inputs = 0
+
+    # -- lifecycle
+
+    def start(self) -> LanguageEndpoint:
+        if self._started:
+            return self
+        for b in self._backends:
+            self._servers.append(b.server(self.pool, host=self.host).start())
+        self._ctx = zmq.Context()
+        self._loop.start()
+        self._started = True
+        return self
+
+    def close(self) -> None:
+        """Stop threads, close sockets, transport servers and the pool. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            self._loop.stop()
+        for e in self._encoders.values():
+            e.sock.close(0)
+        if self._ctx is not None:
+            self._ctx.term()
+        for s in self._servers:
+            s.close()
+        if self._shared is not None:
+            self._shared.close()
+
+    def __enter__(self) -> LanguageEndpoint:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- public API
+
+    def receiver(
+        self,
+        *,
+        bootstrap: str | None = None,
+        room: RoomId,
+        encoder: str | None = None,
+        dp_group: int | None = None,
+        tokens: int | None = None,
+    ) -> Receiver:
+        """Reserve ``default_tokens`` and ask the encoder for ``room``.
+
+        The encoder rank is found through the ``bootstrap`` server (or given
+        directly as ``encoder="host:port"``). ``tokens`` overrides the first
+        reservation's size. Never blocks on the transfer; the room queues
+        (``Bootstrapping``) while the pool is full. Raises ValueError for a room
+        id that is still live here or a reservation larger than the pool,
+        BootstrapError when the encoder cannot be found.
+        """
+        first = self.default_tokens if tokens is None else tokens
+        if not 0 < first <= self.num_blocks * self.block_size:
+            raise ValueError(
+                f"room {room}: a reservation of {first} tokens does not fit the pool's "
+                f"{self.num_blocks * self.block_size} tokens"
+            )
+        if not self._started or self._closed:
+            raise RuntimeError("the endpoint is not running (start() it first)")
+        required = 1
+        if encoder is None:
+            if bootstrap is None:
+                raise ValueError("give bootstrap= (or encoder=)")
+            encoder, required = self._route(bootstrap, room, dp_group)
+        r = ReceiverRoom(
+            room,
+            session=self.session,
+            epoch=random.getrandbits(62) + 1,
+            block_size=self.block_size,
+            now=time.monotonic(),
+            timeout=self.room_timeout,
+            default_tokens=first,
+            required_dst_info_num=required,
+        )
+        live = _Live(r, None)
+        with self._lock:
+            if room in self._rooms:
+                raise ValueError(
+                    f"room {room} is still live on this language rank; clear() it first"
+                )
+            self._rooms[room] = live
+        self._loop.call(self._start_room, live, encoder)
+        return Receiver(self, live)
+
+    def pool_usage(self) -> tuple[int, int]:
+        """``(used, total)`` blocks (blocks held for in-flight writes count as used)."""
+        return self.allocator.num_used, self.num_blocks
+
+    def room_count(self) -> int:
+        return len(self._rooms)
+
+    # -- routing
+
+    def _route(self, bootstrap: str, room: RoomId, dp_group: int | None) -> tuple[str, int]:
+        client = BootstrapClient(bootstrap)
+        if bootstrap not in self._sizes:
+            self._sizes[bootstrap] = client.sizes()
+        enc_tp, enc_dp = self._sizes[bootstrap]
+        enc_rank, required = route_for(self.tp_rank, self.tp_size, self.dp_size, enc_tp)
+        group = room % enc_dp if dp_group is None else dp_group
+        key = (bootstrap, enc_rank, group)
+        if key not in self._routes:
+            self._routes[key] = client.lookup(enc_rank, group)
+        ip, port = self._routes[key]
+        return f"{ip}:{port}", required
+
+    # -- loop thread
+
+    def _encoder(self, address: str) -> _Encoder:
+        enc = self._encoders.get(address)
+        if enc is not None:
+            return enc
+        assert self._ctx is not None
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 << 20)
+        sock.connect(f"tcp://{address}")
+        enc = _Encoder(address, sock)
+        self._encoders[address] = enc
+        self._loop.add_socket(sock, self._on_readable)
+        sock.send(encode(self._register()))
+        return enc
+
+    def _register(self) -> Register:
+        names = [*self.schema.names, AUX_FIELD]
+        return Register(
+            session=self.session,
+            rank=self.tp_rank,
+            host_id=host_id(),
+            schema=[FieldDesc(n, list(s), d) for n, s, d in self.schema.describe()],
+            block_size=self.block_size,
+            num_blocks=self.num_blocks,
+            regions=[RegionDesc(n, *self.pool.region(n)) for n in names],
+            transports=[s.offer() for s in self._servers],
+        )
+
+    def _start_room(self, live: _Live, address: str) -> None:
+        live.encoder = self._encoder(address)
+        self._run(live, live.room.start(time.monotonic()))
+
+    def _abort_room(self, live: _Live, reason: str) -> None:
+        self._dequeue(live)
+        self._run(live, live.room.abort(time.monotonic(), reason))
+
+    def _clear_room(self, live: _Live) -> None:
+        if not live.room.done:
+            self._abort_room(live, "cleared before it finished")
+        with self._lock:
+            if self._rooms.get(live.room.room) is live:
+                del self._rooms[live.room.room]
+        if live.room.holds_blocks:
+            # The encoder may still be writing into these blocks: keep them until
+            # it acknowledges (any status for this epoch) or is declared dead.
+            self._zombies[(live.room.room, live.room.epoch)] = live
+
+    def _dequeue(self, live: _Live) -> None:
+        if live.queued:
+            self._resumes = collections.deque(x for x in self._resumes if x[0] is not live)
+            self._firsts = collections.deque(x for x in self._firsts if x[0] is not live)
+            live.queued = False
+
+    def _on_readable(self, sock: zmq.Socket[bytes]) -> None:
+        for _ in range(256):
+            try:
+                payload = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = decode(payload)
+            except RemoteProtocolError as exc:
+                self.dropped_messages += 1
+                log.warning("language: dropped a bad control message: %s", exc)
+                continue
+            now = time.monotonic()
+            if isinstance(msg, Heartbeat):
+                if msg.reply:
+                    sock.send(encode(Heartbeat(session=self.session, seq=msg.seq, reply=False)))
+                continue
+            if not isinstance(msg, StatusUpdate | Abort):
+                self.dropped_messages += 1
+                continue
+            live = self._zombies.get((msg.room, msg.epoch))
+            if live is None:
+                live = self._rooms.get(msg.room)
+            if live is None:
+                self.ignored_inputs += 1
+                log.debug("language: message for unknown room %d", msg.room)
+                continue
+            if isinstance(msg, StatusUpdate):
+                acts = live.room.status_update(msg, now)
+            else:
+                acts = live.room.peer_abort(msg, now)
+            self._run(live, acts)
+            if not live.room.holds_blocks:
+                self._zombies.pop((live.room.room, live.room.epoch), None)
+
+    def _run(self, live: _Live, actions: list[Action]) -> None:
+        freed = False
+        for a in actions:
+            if isinstance(a, Send):
+                if live.encoder is not None:
+                    live.encoder.sock.send(encode(a.msg))
+            elif isinstance(a, Reserve):
+                self._reserve(live, a.tokens)
+            elif isinstance(a, Harvest):
+                self._harvest(live, a)
+            elif isinstance(a, FreeBlocks):
+                self.allocator.free(a.blocks)
+                freed = True
+            elif isinstance(a, StatusChanged):
+                if a.new.is_terminal:
+                    live.done.set()
+                    self._dequeue(live)
+                    if a.new is Status.Failed:
+                        log.info("language: room %d failed: %s", live.room.room, a.reason)
+            elif isinstance(a, Drop):
+                self.ignored_inputs += 1
+                log.debug("language: %s", a.reason)
+        if freed:
+            self._retry_reservations()
+
+    def _reserve(self, live: _Live, tokens: int) -> None:
+        resume = live.room.sent_tokens > 0
+        q = self._resumes if resume else self._firsts
+        # first come, first served within each class: wait behind earlier rooms
+        if q or (not resume and self._resumes) or not self._try_reserve(live, tokens):
+            live.queued = True
+            q.append((live, tokens))
+
+    def _try_reserve(self, live: _Live, tokens: int) -> bool:
+        bs = self.block_size
+        want = -(-tokens // bs)
+        if live.room.sent_tokens == 0:
+            want = min(want, self.allocator.num_free - self.resume_headroom)
+            if want <= 0:
+                return False
+        blocks = self.allocator.alloc_up_to(want)
+        if blocks is None:
+            return False
+        self._run(live, live.room.reserved(blocks, min(tokens, len(blocks) * bs), time.monotonic()))
+        return True
+
+    def _retry_reservations(self) -> None:
+        for q in (self._resumes, self._firsts):
+            while q:
+                live, tokens = q[0]
+                if live.room.done:
+                    q.popleft()
+                    live.queued = False
+                    continue
+                q.popleft()
+                live.queued = False
+                if not self._try_reserve(live, tokens):
+                    q.appendleft((live, tokens))
+                    live.queued = True
+                    return
+
+    def _harvest(self, live: _Live, h: Harvest) -> None:
+        if not live.result:
+            for f in self.schema.fields:
+                live.result[f.name] = np.empty((h.total_tokens, *f.shape), dtype=f.np_dtype)
+        for f in self.schema.fields:
+            self.pool.gather(h.runs, f.name, live.result[f.name], h.start_token)
+        if h.first:
+            live.aux = self.pool.aux[h.aux_block].copy()
+
+    def _tick(self, now: float) -> None:
+        for live in list(self._rooms.values()):
+            if not live.room.done:
+                self._run(live, live.room.tick(now))

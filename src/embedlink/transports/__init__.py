@@ -1,0 +1,70 @@
+"""Data-plane backends, chosen by name; each is imported only when chosen, so a
+missing native library matters only to whoever picks that backend (after
+vLLM's ``kv_connector/factory.py``)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+from ..memory import BufferPool
+from ..protocol import TransportOffer
+from .base import (
+    PeerWriter,
+    TransportError,
+    TransportServer,
+    TransportUnavailable,
+    WriteOutOfBounds,
+)
+
+__all__ = [
+    "Backend",
+    "PeerWriter",
+    "TransportError",
+    "TransportServer",
+    "TransportUnavailable",
+    "WriteOutOfBounds",
+    "available",
+    "get_backend",
+]
+
+
+class Backend(Protocol):
+    """What a backend module provides."""
+
+    name: str
+
+    def server(self, pool: BufferPool, *, host: str) -> TransportServer: ...
+
+    def reachable(self, offer: TransportOffer, *, host_id: str) -> bool: ...
+
+    def connect(
+        self,
+        offer: TransportOffer,
+        *,
+        regions: dict[str, int],
+        field_names: list[str],
+        timeout: float,
+    ) -> PeerWriter: ...
+
+
+_REGISTRY: dict[str, str] = {
+    "tcp": "embedlink.transports.tcp",
+    "shm": "embedlink.transports.shm",
+}
+
+
+def available() -> list[str]:
+    """Names of every registered backend (whether or not its library is installed)."""
+    return list(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; ValueError for an unknown name,
+    TransportUnavailable (with an install hint) when its library is missing."""
+    mod_name = _REGISTRY.get(name)
+    if mod_name is None:
+        raise ValueError(f"unknown transport {name!r}; known: {', '.join(_REGISTRY)}")
+    mod = importlib.import_module(mod_name)
+    backend: Backend = mod.BACKEND
+    return backend

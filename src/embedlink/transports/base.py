@@ -1,0 +1,121 @@
+"""The data-plane interface, after httpx's ``BaseTransport``: small on purpose.
+
+A transport has two halves:
+
+* :class:`TransportServer` lives on the **receiving** (language) side. It is
+  given the pool, makes that memory writable by peers in its own way (a socket
+  listener, a shared-memory segment, a registration with a native engine) and
+  describes itself as a :class:`~embedlink.protocol.TransportOffer` that travels
+  in ``Register``.
+* :class:`PeerWriter` lives on the **sending** (encoder) side, one per peer: it
+  is built from the peer's offer and writes batches of
+  :class:`~embedlink.protocol.Copy` from the local pool into the peer's pool.
+
+Every backend refuses a copy outside the peer's registered regions with
+:class:`WriteOutOfBounds` before any byte moves. Failures are
+:class:`TransportError` (a subclass of ``EmbedlinkError``); the caller fails the
+room that asked, and only that room.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from ..memory import BufferPool
+from ..protocol import Copy, EmbedlinkError, TransportOffer
+
+__all__ = [
+    "PeerWriter",
+    "TransportError",
+    "TransportServer",
+    "TransportUnavailable",
+    "WriteOutOfBounds",
+    "check_bounds",
+    "field_ids",
+    "regions_of",
+]
+
+
+class TransportError(EmbedlinkError):
+    """A data-plane write failed; the room that asked for it fails."""
+
+
+class TransportUnavailable(TransportError):
+    """A backend cannot be used here (missing library, other host); carries a hint."""
+
+
+class WriteOutOfBounds(TransportError):
+    """A copy would fall outside the destination's registered regions."""
+
+
+def field_ids(pool_layout: Mapping[str, tuple[int, int]]) -> dict[str, int]:
+    """Stable small integers for the fields of a pool layout (aux included)."""
+    return {name: i for i, name in enumerate(pool_layout)}
+
+
+def check_bounds(
+    copies: Sequence[Copy], regions: Mapping[str, int], src: BufferPool | None = None
+) -> None:
+    """Raise :class:`WriteOutOfBounds` unless every copy fits the destination's
+    ``regions`` (field -> byte length) and, when given, the source pool."""
+    for c in copies:
+        size = regions.get(c.field)
+        if size is None:
+            raise WriteOutOfBounds(f"field {c.field!r} is not registered at the destination")
+        if c.length < 0 or c.dst_offset < 0 or c.dst_offset + c.length > size:
+            raise WriteOutOfBounds(
+                f"write of {c.length} bytes at offset {c.dst_offset} of {c.field!r} "
+                f"exceeds the destination's {size}-byte region"
+            )
+        if src is not None:
+            s_size = src.layout[c.field][1] if c.field in src.layout else -1
+            if c.src_offset < 0 or c.src_offset + c.length > s_size:
+                raise WriteOutOfBounds(
+                    f"read of {c.length} bytes at {c.src_offset} of {c.field!r} "
+                    "exceeds the source pool"
+                )
+
+
+class TransportServer:
+    """Receiving half. ``start()`` before ``offer()``; ``close()`` is idempotent."""
+
+    name: str = ""
+
+    def __init__(self, pool: BufferPool, *, host: str) -> None:
+        self.pool = pool
+        self.host = host
+
+    def start(self) -> TransportServer:
+        return self
+
+    def offer(self) -> TransportOffer:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop accepting writes. No-op by default."""
+
+    def __enter__(self) -> TransportServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PeerWriter:
+    """Sending half, one per destination session. Thread-safe: several rooms may
+    write to the same peer at once."""
+
+    name: str = ""
+
+    def write(self, copies: Sequence[Copy], src: BufferPool, timeout: float) -> None:
+        """Copy every ``copies`` entry from ``src`` into the peer's pool, and return
+        only once the bytes are in the peer's memory. Raises TransportError."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections or mappings. No-op by default."""
+
+
+def regions_of(pool_layout: Mapping[str, tuple[int, int]]) -> dict[str, int]:
+    """``{field: nbytes}`` of a pool layout (aux included)."""
+    return {name: n for name, (_, n) in pool_layout.items()}

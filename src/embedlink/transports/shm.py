@@ -1,0 +1,188 @@
+"""``shm``: same host. The language pool lives in POSIX shared memory; the
+encoder maps it once per peer and copies straight into it (one memcpy per
+merged copy, no staging). Offered only when both ends run on the same kernel
+(:func:`embedlink._host.host_id`) and the segment can actually be opened.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import uuid
+from collections.abc import Sequence
+from multiprocessing import resource_tracker, shared_memory
+from typing import Any
+
+import numpy as np
+
+from .._host import host_id as local_host_id
+from ..memory import BufferPool, pool_layout
+from ..protocol import AUX_FIELD, BufferSchema, Copy, TransportOffer
+from .base import PeerWriter, TransportError, TransportServer, TransportUnavailable, check_bounds
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BACKEND", "SharedPool", "ShmBackend", "ShmServer", "ShmWriter", "create_shared_pool"]
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg,unused-ignore]
+    shm = shared_memory.SharedMemory(name=name)
+    if name.startswith(f"embedlink-{os.getpid()}-"):
+        return shm  # our own segment: the tracker entry is the creator's
+    # Before 3.13 an attaching process's resource tracker unlinks the segment
+    # when it exits, destroying the owner's pool; only the creator may unlink.
+    try:
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    except Exception:  # pragma: no cover - tracker internals vary
+        pass
+    return shm
+
+
+def _close_mapping(shm: shared_memory.SharedMemory) -> None:
+    """Close a segment's mapping, or, while numpy views of it still live, leave
+    the mapping to be released with the last view (and keep ``__del__`` quiet)."""
+    try:
+        shm.close()
+    except BufferError:
+        shm._buf = None  # type: ignore[attr-defined]
+        shm._mmap = None  # type: ignore[attr-defined]
+        fd = getattr(shm, "_fd", -1)
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            shm._fd = -1  # type: ignore[attr-defined]
+
+
+class SharedPool:
+    """A :class:`BufferPool` in a shared-memory segment this process owns.
+
+    ``close()`` unlinks the segment (so nothing leaks in /dev/shm); a crash
+    leaves the unlinking to Python's resource tracker.
+    """
+
+    def __init__(self, schema: BufferSchema, num_blocks: int, block_size: int) -> None:
+        _, nbytes = pool_layout(schema, num_blocks, block_size)
+        name = f"embedlink-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+        self.pool = BufferPool(schema, num_blocks, block_size, buffer=self.shm.buf, segment=name)
+        self._closed = False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.shm.unlink()
+        except FileNotFoundError:
+            pass
+        _close_mapping(self.shm)
+
+
+def create_shared_pool(schema: BufferSchema, num_blocks: int, block_size: int) -> SharedPool:
+    return SharedPool(schema, num_blocks, block_size)
+
+
+class ShmServer(TransportServer):
+    """Offers the pool's segment; the peer writes into it directly."""
+
+    name = "shm"
+
+    def __init__(self, pool: BufferPool, *, host: str) -> None:
+        super().__init__(pool, host=host)
+        if pool.segment is None:
+            raise TransportUnavailable(
+                "shm: the pool is not in shared memory (create it with create_shared_pool)"
+            )
+
+    def offer(self) -> TransportOffer:
+        assert self.pool.segment is not None
+        names = [*self.pool.schema.names, AUX_FIELD]
+        offsets = ",".join(str(self.pool.layout[n][0]) for n in names)
+        return TransportOffer(
+            "shm",
+            {
+                "segment": self.pool.segment,
+                "host_id": local_host_id(),
+                "nbytes": str(self.pool.nbytes),
+                "offsets": offsets,
+            },
+        )
+
+
+class ShmWriter(PeerWriter):
+    """Copies into a peer's mapped segment."""
+
+    name = "shm"
+
+    def __init__(
+        self, segment: str, nbytes: int, offsets: dict[str, int], regions: dict[str, int]
+    ) -> None:
+        try:
+            self._shm: shared_memory.SharedMemory | None = _attach(segment)
+        except (FileNotFoundError, PermissionError, OSError) as exc:
+            raise TransportUnavailable(f"shm: cannot open segment {segment!r}: {exc}") from exc
+        if self._shm.size < nbytes:
+            raise TransportUnavailable(f"shm: segment {segment!r} is smaller than advertised")
+        buf = self._shm.buf
+        assert buf is not None
+        self._mem: np.ndarray[Any, Any] | None = np.frombuffer(buf, dtype=np.uint8, count=nbytes)
+        self.offsets = offsets
+        self.regions = regions
+        self._lock = threading.Lock()
+        for name, size in regions.items():
+            if name not in offsets or offsets[name] + size > nbytes:
+                raise TransportUnavailable(f"shm: region {name!r} lies outside the segment")
+
+    def write(self, copies: Sequence[Copy], src: BufferPool, timeout: float) -> None:
+        mem = self._mem
+        if mem is None:
+            raise TransportError("shm: writer closed")
+        check_bounds(copies, self.regions, src)
+        back = src.backing
+        for c in copies:
+            d = self.offsets[c.field] + c.dst_offset
+            s = src.layout[c.field][0] + c.src_offset
+            mem[d : d + c.length] = back[s : s + c.length]
+
+    def close(self) -> None:
+        with self._lock:
+            shm, self._shm, self._mem = self._shm, None, None
+        if shm is not None:
+            _close_mapping(shm)
+
+
+class ShmBackend:
+    name = "shm"
+
+    def server(self, pool: BufferPool, *, host: str) -> TransportServer:
+        return ShmServer(pool, host=host)
+
+    def reachable(self, offer: TransportOffer, *, host_id: str) -> bool:
+        return offer.params.get("host_id") == host_id and "segment" in offer.params
+
+    def connect(
+        self,
+        offer: TransportOffer,
+        *,
+        regions: dict[str, int],
+        field_names: list[str],
+        timeout: float,
+    ) -> PeerWriter:
+        p = offer.params
+        try:
+            offs = [int(x) for x in p["offsets"].split(",")]
+            nbytes = int(p["nbytes"])
+        except (KeyError, ValueError) as exc:
+            raise TransportUnavailable(f"shm: malformed offer: {exc}") from exc
+        if len(offs) != len(field_names):
+            raise TransportUnavailable("shm: offer's offsets do not match the schema")
+        return ShmWriter(p["segment"], nbytes, dict(zip(field_names, offs, strict=True)), regions)
+
+
+BACKEND = ShmBackend()

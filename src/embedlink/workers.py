@@ -1,0 +1,244 @@
+"""Process entry points shared by ``embedlink demo``, the benchmarks and the
+integration tests: an encoder process and a language process, each driven over
+multiprocessing queues. Embeddings are generated from ``(seed, room)``, so the
+language side regenerates what it expects and verifies every byte without the
+data travelling any other way.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .embedding import Embedding
+from .protocol import BufferSchema, TransferError
+
+__all__ = ["RoomResult", "encoder_worker", "language_worker", "make_embedding", "schema_from"]
+
+
+def schema_from(cfg: dict[str, Any]) -> BufferSchema:
+    return BufferSchema(
+        hidden_size=int(cfg.get("hidden_size", 3584)), dtype=str(cfg.get("dtype", "bfloat16"))
+    )
+
+
+def make_embedding(schema: BufferSchema, n: int, seed: int, room: int) -> Embedding:
+    """A deterministic embedding of ``n`` tokens for ``room``."""
+    rng = np.random.default_rng([seed, room])
+    arrays: dict[str, Any] = {}
+    for f in schema.fields:
+        raw = rng.integers(0, 256, size=n * f.token_bytes, dtype=np.uint8)
+        arrays[f.name] = raw.view(f.np_dtype).reshape((n, *f.shape))
+    extra = {
+        k: v for k, v in arrays.items() if k not in ("embedding", "token_ids", "mrope_positions")
+    }
+    return Embedding(
+        embedding=arrays["embedding"],
+        token_ids=arrays["token_ids"],
+        mrope_positions=np.ascontiguousarray(arrays["mrope_positions"].T),
+        extra=extra,
+        mrope_position_delta=room % 1000,
+    )
+
+
+def same_embedding(a: Embedding, b: Embedding) -> bool:
+    def eq(x: Any, y: Any) -> bool:
+        return bool(
+            x is not None
+            and y is not None
+            and x.shape == y.shape
+            and np.array_equal(
+                np.ascontiguousarray(x).view(np.uint8), np.ascontiguousarray(y).view(np.uint8)
+            )
+        )
+
+    return (
+        eq(a.embedding, b.embedding)
+        and eq(a.token_ids, b.token_ids)
+        and eq(a.mrope_positions, b.mrope_positions)
+        and a.extra.keys() == b.extra.keys()
+        and all(eq(a.extra[k], b.extra[k]) for k in a.extra)
+        and a.mrope_position_delta == b.mrope_position_delta
+    )
+
+
+@dataclass
+class RoomResult:
+    room: int
+    tokens: int
+    status: int
+    ok: bool
+    reason: str | None
+    history: list[tuple[int, int]]
+    latency: float
+    nbytes: int
+
+
+def _setup_logging(cfg: dict[str, Any]) -> None:
+    logging.basicConfig(
+        level=cfg.get("log_level", "WARNING"),
+        format="%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s",
+    )
+
+
+def encoder_worker(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
+    """Run an :class:`EncoderEndpoint`; obey commands until ``("stop",)``.
+
+    Commands: ``("open", room)`` (a sender that sends nothing yet),
+    ``("send", room, n)``, ``("abort", room)``, ``("wait_idle", timeout)``
+    (clear finished rooms and report when none is live), ``("stats",)``,
+    ``("stop",)``. Every command gets one reply on ``replies``; the first reply
+    is ``("ready", address)``.
+    """
+    from .encoder import EncoderEndpoint
+
+    _setup_logging(cfg)
+    schema = schema_from(cfg)
+    seed = int(cfg.get("seed", 0))
+    ep = EncoderEndpoint(
+        schema,
+        bootstrap=cfg.get("bootstrap"),
+        num_blocks=int(cfg["num_blocks"]),
+        block_size=int(cfg.get("block_size", 128)),
+        transports=tuple(cfg.get("transports", ("tcp",))),
+        tp_rank=int(cfg.get("tp_rank", 0)),
+        tp_size=int(cfg.get("tp_size", 1)),
+        dp_size=int(cfg.get("dp_size", 1)),
+        room_timeout=float(cfg.get("room_timeout", 60.0)),
+    ).start()
+    senders: dict[int, Any] = {}
+    replies.put(("ready", ep.address))
+
+    def reap() -> None:
+        for room, tx in list(senders.items()):
+            if tx.poll().is_terminal:
+                tx.clear()
+                del senders[room]
+
+    try:
+        while True:
+            cmd = cmds.get()
+            kind = cmd[0]
+            if kind == "stop":
+                replies.put(("stopped",))
+                return
+            try:
+                if kind == "open":
+                    senders[cmd[1]] = ep.sender(cmd[1])
+                    replies.put(("opened", cmd[1]))
+                elif kind == "send":
+                    _, room, n = cmd
+                    reap()
+                    tx = senders.get(room) or ep.sender(room)
+                    senders[room] = tx
+                    tx.send(make_embedding(schema, n, seed, room))
+                    replies.put(("sent", room))
+                elif kind == "abort":
+                    senders[cmd[1]].abort()
+                    replies.put(("aborted", cmd[1]))
+                elif kind == "wait_idle":
+                    deadline = time.monotonic() + float(cmd[1])
+                    for tx in list(senders.values()):
+                        tx.wait(max(0.0, deadline - time.monotonic()))
+                    statuses = {r: (int(tx.poll()), tx.failure_reason) for r, tx in senders.items()}
+                    reap()
+                    # a terminal room may still be waiting for a write to finish
+                    ep.allocator.wait_all_free(max(0.0, deadline - time.monotonic()))
+                    replies.put(("idle", statuses, ep.pool_usage()))
+                elif kind == "stats":
+                    replies.put(
+                        (
+                            "stats",
+                            ep.pool_usage(),
+                            ep.room_count(),
+                            ep.sessions(),
+                            vars(ep.stats).copy(),
+                            ep._loop.errors,
+                        )
+                    )
+                else:
+                    replies.put(("error", f"unknown command {kind!r}"))
+            except Exception as exc:
+                replies.put(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        ep.close()
+
+
+def language_worker(cfg: dict[str, Any], jobs: list[tuple[int, int]], out: Any) -> None:
+    """Run a :class:`LanguageEndpoint`, receive ``jobs`` (``(room, n)``) with
+    ``cfg["window"]`` rooms in flight, verify each, and put one
+    :class:`RoomResult` per room on ``out``, then ``("done", pool_usage)``."""
+    from .language import LanguageEndpoint
+
+    _setup_logging(cfg)
+    schema = schema_from(cfg)
+    seed = int(cfg.get("seed", 0))
+    window = int(cfg.get("window", 16))
+    try:
+        with LanguageEndpoint(
+            schema,
+            num_blocks=int(cfg["num_blocks"]),
+            block_size=int(cfg.get("block_size", 128)),
+            default_tokens=int(cfg.get("default_tokens", 1024)),
+            transports=tuple(cfg.get("transports", ("tcp",))),
+            tp_rank=int(cfg.get("tp_rank", 0)),
+            tp_size=int(cfg.get("tp_size", 1)),
+            dp_size=int(cfg.get("dp_size", 1)),
+            room_timeout=float(cfg.get("room_timeout", 60.0)),
+        ) as ep:
+            pending: list[tuple[int, int, Any, float]] = []
+            it = iter(jobs)
+
+            def finish(room: int, n: int, rx: Any, t0: float) -> None:
+                reason = None
+                ok = False
+                try:
+                    emb = rx.wait(timeout=float(cfg.get("wait_timeout", 120.0)))
+                    ok = same_embedding(emb, make_embedding(schema, n, seed, room))
+                    if not ok:
+                        reason = "embedding differs from what was sent"
+                except TransferError as exc:
+                    reason = exc.reason
+                except TimeoutError as exc:
+                    reason = str(exc)
+                    rx.abort("receiver gave up waiting")
+                out.put(
+                    RoomResult(
+                        room,
+                        n,
+                        int(rx.poll()),
+                        ok,
+                        reason,
+                        [(int(s), t) for s, t in rx.history],
+                        time.perf_counter() - t0,
+                        n * schema.token_bytes,
+                    )
+                )
+                rx.clear()
+
+            for room, n in it:
+                if len(pending) >= window:
+                    finish(*pending.pop(0))
+                rx = ep.receiver(bootstrap=cfg["bootstrap"], room=room)
+                pending.append((room, n, rx, time.perf_counter()))
+            for p in pending:
+                finish(*p)
+            # blocks held for writes the encoder has not acknowledged yet come back shortly
+            ep.allocator.wait_all_free(10.0)
+            out.put(("done", ep.pool_usage(), ep._loop.errors))
+    except Exception:
+        out.put(("crashed", traceback.format_exc()))
+
+
+def drain(q: Any, timeout: float) -> Any:
+    """``q.get`` with a timeout that raises TimeoutError naming the wait."""
+    try:
+        return q.get(timeout=timeout)
+    except queue.Empty:
+        raise TimeoutError(f"no message within {timeout}s") from None

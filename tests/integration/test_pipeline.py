@@ -1,0 +1,301 @@
+"""The pipeline across real processes over ``tcp`` and ``shm`` (issue: the
+working pipeline). The encoder runs in a spawned process; the language side
+runs in the test process where its statuses can be read, or in a process of
+its own for the load test."""
+
+import random
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from embedlink import (
+    BufferSchema,
+    Embedding,
+    EncoderEndpoint,
+    LanguageEndpoint,
+    Status,
+    TransferError,
+)
+from embedlink.workers import make_embedding, same_embedding
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+S = Status
+HIDDEN = 256
+SCHEMA = BufferSchema(hidden_size=HIDDEN)
+TRANSPORTS = ["tcp", "shm"]
+
+
+def enc_cfg(boot, transport, **kw):
+    cfg = dict(
+        bootstrap=boot.address,
+        hidden_size=HIDDEN,
+        num_blocks=128,
+        block_size=128,
+        transports=(transport,),
+        room_timeout=30.0,
+    )
+    cfg.update(kw)
+    return cfg
+
+
+def language(transport, **kw):
+    args = dict(
+        num_blocks=64,
+        block_size=128,
+        default_tokens=1024,
+        transports=(transport,),
+        room_timeout=30.0,
+    )
+    args.update(kw)
+    return LanguageEndpoint(SCHEMA, **args).start()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_seed_500_tokens_waiting_for_input_then_success(boot, spawn_encoder, transport):
+    enc = spawn_encoder(**enc_cfg(boot, transport))
+    with language(transport) as lang:
+        rx = lang.receiver(bootstrap=boot.address, room=500)
+        enc.call("send", 500, 500)
+        emb = rx.wait(timeout=30)
+        assert same_embedding(emb, make_embedding(SCHEMA, 500, 0, 500))
+        assert rx.history == [(S.Bootstrapping, 0), (S.WaitingForInput, 0), (S.Success, 500)]
+        _, statuses, usage = enc.call("wait_idle", 10)
+        assert statuses == {500: (int(S.Success), None)}
+        assert usage[0] == 0
+        sessions = enc.call("stats")[3]
+        assert list(sessions.values()) == [transport]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_seed_2000_tokens_one_resume_at_1024(boot, spawn_encoder, transport):
+    enc = spawn_encoder(**enc_cfg(boot, transport))
+    with language(transport) as lang:
+        rx = lang.receiver(bootstrap=boot.address, room=2000)
+        enc.call("send", 2000, 2000)
+        emb = rx.wait(timeout=30)
+        assert same_embedding(emb, make_embedding(SCHEMA, 2000, 0, 2000))
+        assert rx.history == [
+            (S.Bootstrapping, 0),
+            (S.WaitingForInput, 0),
+            (S.Transferring, 1024),
+            (S.Success, 2000),
+        ]
+        assert int(rx.aux["total_tokens"]) == 2000
+        assert enc.call("wait_idle", 10)[1] == {2000: (int(S.Success), None)}
+        assert lang.allocator.wait_all_free(5)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_seed_failure_ends_failed_with_reason(boot, spawn_encoder, transport):
+    enc = spawn_encoder(**enc_cfg(boot, transport))
+    with language(transport) as lang:
+        # the encoder gives up on a room
+        rx = lang.receiver(bootstrap=boot.address, room=1)
+        enc.call("open", 1)
+        enc.call("abort", 1)
+        # the request may reach the encoder before or after the abort
+        with pytest.raises(TransferError, match=r"aborted by (peer|sender)"):
+            rx.wait(timeout=30)
+        assert rx.poll() is S.Failed
+        assert rx.history[-1][0] is S.Failed
+        # nobody ever sends a room: the deadline fails it
+    with language(transport, room_timeout=1.0) as lang:
+        rx = lang.receiver(bootstrap=boot.address, room=2)
+        with pytest.raises(TransferError, match="timed out"):
+            rx.wait(timeout=30)
+        assert lang.allocator.wait_all_free(10)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_5000_tokens_small_pool_resumes_at_least_three_times(boot, spawn_encoder, transport):
+    enc = spawn_encoder(**enc_cfg(boot, transport))
+    with language(transport, num_blocks=6, default_tokens=768) as lang:
+        rx = lang.receiver(bootstrap=boot.address, room=5000)
+        enc.call("send", 5000, 5000)
+        emb = rx.wait(timeout=60)
+        assert same_embedding(emb, make_embedding(SCHEMA, 5000, 0, 5000))
+        partial = [t for s, t in rx.history if s is S.Transferring]
+        assert len(partial) >= 3 and partial == sorted(partial)
+        assert [s for s, _ in rx.history] == sorted(s for s, _ in rx.history)
+        assert rx.history[-1] == (S.Success, 5000)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_receiver_may_come_after_send(boot, spawn_encoder, transport):
+    enc = spawn_encoder(**enc_cfg(boot, transport))
+    enc.call("send", 77, 1500)
+    with language(transport) as lang:
+        rx = lang.receiver(bootstrap=boot.address, room=77)
+        assert same_embedding(rx.wait(timeout=30), make_embedding(SCHEMA, 1500, 0, 77))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_language_tp2_encoder_tp1_both_ranks_receive(boot, spawn_encoder, transport):
+    enc = spawn_encoder(**enc_cfg(boot, transport))
+    with (
+        language(transport, tp_rank=0, tp_size=2) as l0,
+        language(transport, tp_rank=1, tp_size=2) as l1,
+    ):
+        r0 = l0.receiver(bootstrap=boot.address, room=9)
+        r1 = l1.receiver(bootstrap=boot.address, room=9)
+        enc.call("send", 9, 3000)
+        want = make_embedding(SCHEMA, 3000, 0, 9)
+        assert same_embedding(r0.wait(timeout=30), want)
+        assert same_embedding(r1.wait(timeout=30), want)
+        _, statuses, usage = enc.call("wait_idle", 10)
+        assert statuses == {9: (int(S.Success), None)}
+        assert usage[0] == 0
+        assert len(enc.call("stats")[3]) == 2
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_500_concurrent_rooms_byte_exact_and_pools_free(
+    boot, spawn_encoder, spawn_language, transport
+):
+    rng = random.Random(5)
+    jobs = [(1000 + i, rng.randint(1, 4096)) for i in range(500)]
+    enc = spawn_encoder(**enc_cfg(boot, transport, num_blocks=256))
+    lang = spawn_language(
+        dict(
+            bootstrap=boot.address,
+            hidden_size=HIDDEN,
+            num_blocks=64,
+            default_tokens=1024,
+            transports=(transport,),
+            window=500,
+            room_timeout=60.0,
+        ),
+        jobs,
+    )
+    for room, n in jobs:
+        enc.call("send", room, n)
+    results, (tag, usage, errors) = lang.results(len(jobs), timeout=120)
+    assert tag == "done"
+    bad = [(r.room, r.reason) for r in results if not r.ok]
+    assert not bad, bad[:5]
+    assert len(results) == 500
+    assert any(any(s == int(S.Transferring) for s, _ in r.history) for r in results)
+    assert usage[0] == 0 and errors == 0
+    _, statuses, enc_usage = enc.call("wait_idle", 30)
+    assert enc_usage[0] == 0
+    assert all(st == int(S.Success) for st, _ in statuses.values())
+
+
+# -- bad input: a clear error for that room only ---------------------------------------
+
+
+@pytest.fixture
+def pair(boot):
+    enc = EncoderEndpoint(
+        SCHEMA,
+        bootstrap=boot.address,
+        num_blocks=16,
+        block_size=128,
+        transports=("tcp",),
+        room_timeout=2.0,
+    ).start()
+    lang = LanguageEndpoint(
+        SCHEMA,
+        num_blocks=16,
+        block_size=128,
+        default_tokens=1024,
+        transports=("tcp",),
+        room_timeout=30.0,
+    ).start()
+    yield enc, lang
+    enc.close()
+    lang.close()
+
+
+def _emb(n, **over):
+    e = dict(
+        embedding=np.zeros((n, HIDDEN), ml_dtypes.bfloat16),
+        token_ids=np.zeros(n, np.int32),
+        mrope_positions=np.zeros((3, n), np.int32),
+    )
+    e.update(over)
+    return Embedding(**e)
+
+
+@pytest.mark.parametrize(
+    ("over", "field"),
+    [
+        ({"embedding": np.zeros((10, HIDDEN), np.float32)}, "embedding"),
+        ({"embedding": np.zeros((10, HIDDEN + 1), ml_dtypes.bfloat16)}, "embedding"),
+        ({"token_ids": np.zeros(10, np.int64)}, "token_ids"),
+        ({"mrope_positions": np.zeros((10, 3), np.int32)}, "mrope_positions"),
+        ({"token_ids": np.zeros(9, np.int32)}, "token_ids"),
+        ({"token_ids": None}, "token_ids"),
+    ],
+)
+def test_send_rejects_mismatched_field_naming_it(pair, over, field):
+    enc, _ = pair
+    tx = enc.sender(room=3)
+    with pytest.raises(ValueError, match=field):
+        tx.send(_emb(10, **over))
+
+
+def test_bad_rooms_do_not_disturb_good_ones(pair, boot):
+    enc, lang = pair
+    # an embedding larger than the whole encoder pool
+    with pytest.raises(ValueError, match="pool"):
+        enc.sender(room=4).send(_emb(16 * 128 + 1))
+    # a reservation larger than the language pool
+    with pytest.raises(ValueError, match="does not fit"):
+        lang.receiver(bootstrap=boot.address, room=5, tokens=16 * 128 + 1)
+    # a request for a room the encoder never opens: refused after its room timeout
+    ghost = lang.receiver(bootstrap=boot.address, room=6)
+    # a live room id cannot be reused until cleared
+    good_rx = lang.receiver(bootstrap=boot.address, room=7)
+    with pytest.raises(ValueError, match="still live"):
+        lang.receiver(bootstrap=boot.address, room=7)
+    tx = enc.sender(room=7)
+    with pytest.raises(ValueError, match="still live"):
+        enc.sender(room=7)
+    data = make_embedding(SCHEMA, 1500, 0, 7)
+    tx.send(data)
+    assert same_embedding(good_rx.wait(timeout=30), data)
+    with pytest.raises(TransferError, match="no sender for room 6"):
+        ghost.wait(timeout=30)
+    assert lang.allocator.wait_all_free(5)
+    assert enc.allocator.wait_all_free(5)
+    assert enc._loop.errors == 0 and lang._loop.errors == 0
+
+
+def test_schema_mismatch_refuses_the_session(boot):
+    with (
+        EncoderEndpoint(SCHEMA, bootstrap=boot.address, num_blocks=16, transports=("tcp",)) as enc,
+        LanguageEndpoint(
+            BufferSchema(hidden_size=HIDDEN * 2), num_blocks=16, transports=("tcp",)
+        ) as lang,
+    ):
+        rx = lang.receiver(bootstrap=boot.address, room=1)
+        enc.sender(room=1)
+        with pytest.raises(TransferError, match="schema mismatch"):
+            rx.wait(timeout=30)
+
+
+def test_no_common_transport_is_a_clear_failure(boot):
+    with (
+        EncoderEndpoint(SCHEMA, bootstrap=boot.address, num_blocks=16, transports=("shm",)) as enc,
+        LanguageEndpoint(SCHEMA, num_blocks=16, transports=("tcp",)) as lang,
+    ):
+        rx = lang.receiver(bootstrap=boot.address, room=1)
+        enc.sender(room=1)
+        with pytest.raises(TransferError, match="no common transport"):
+            rx.wait(timeout=30)
+
+
+def test_negotiation_prefers_the_receivers_order(boot):
+    with (
+        EncoderEndpoint(
+            SCHEMA, bootstrap=boot.address, num_blocks=16, transports=("tcp", "shm")
+        ) as enc,
+        LanguageEndpoint(SCHEMA, num_blocks=16, transports=("shm", "tcp")) as lang,
+    ):
+        rx = lang.receiver(bootstrap=boot.address, room=1)
+        enc.sender(room=1).send(make_embedding(SCHEMA, 100, 0, 1))
+        rx.wait(timeout=30)
+        assert list(enc.sessions().values()) == ["shm"]
