@@ -6,7 +6,6 @@ import time
 from typing import Any
 
 import click
-import ml_dtypes
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -27,14 +26,6 @@ def version() -> None:
     click.echo(f"embedlink {__version__} (protocol {PROTOCOL_VERSION})")
 
 
-def _make_embedding(rng: np.random.Generator, n: int, hidden: int) -> dict[str, Any]:
-    return {
-        "embedding": rng.standard_normal((n, hidden), dtype=np.float32).astype(ml_dtypes.bfloat16),
-        "token_ids": rng.integers(0, 152_000, size=n, dtype=np.int32),
-        "mrope_positions": rng.integers(0, 4096, size=(n, 3), dtype=np.int32),
-    }
-
-
 @main.command()
 @click.option("--requests", "-n", default=200, show_default=True, help="Requests to send.")
 @click.option("--min-tokens", default=64, show_default=True)
@@ -47,7 +38,20 @@ def _make_embedding(rng: np.random.Generator, n: int, hidden: int) -> dict[str, 
     help="Reservation before the length is known.",
 )
 @click.option("--block-size", default=128, show_default=True)
+@click.option("--transport", type=click.Choice(["shm", "tcp"]), default="shm", show_default=True)
+@click.option(
+    "--encoder-blocks", type=int, default=None, help="Encoder pool (default: 4 x max-tokens)."
+)
+@click.option(
+    "--language-blocks", type=int, default=None, help="Language pool (default: max-tokens)."
+)
+@click.option(
+    "--window", default=16, show_default=True, help="Requests in flight at the language side."
+)
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--timeout", default=600.0, show_default=True, help="Give up after this many seconds."
+)
 def demo(
     requests: int,
     min_tokens: int,
@@ -55,80 +59,170 @@ def demo(
     hidden_size: int,
     default_tokens: int,
     block_size: int,
+    transport: str,
+    encoder_blocks: int | None,
+    language_blocks: int | None,
+    window: int,
     seed: int,
+    timeout: float,
 ) -> None:
-    """Send embeddings of realistic lengths through the protocol and verify every byte.
+    """Run the whole pipeline on this machine and verify every byte.
 
-    This runs the protocol core over real block pools in one process; the
-    multi-process pipeline (encoder, language and bootstrap processes) arrives
-    with the pipeline issue.
+    Starts a bootstrap server (here), an encoder process and a language
+    process, sends REQUESTS embeddings of random lengths with a default
+    reservation of DEFAULT_TOKENS (so the longer ones resume), verifies each
+    byte for byte at the language side, and prints a summary. Exits non-zero
+    if any request fails.
     """
-    from .sim import Link
+    import multiprocessing as mp
+    import queue
+
+    from .bootstrap import BootstrapServer
+    from .workers import RoomResult, encoder_worker, language_worker
 
     if not 1 <= min_tokens <= max_tokens:
         raise click.BadParameter("need 1 <= --min-tokens <= --max-tokens")
+    if requests < 1:
+        raise click.BadParameter("--requests must be at least 1")
     console = Console()
-    schema = BufferSchema(hidden_size=hidden_size)
     rng = np.random.default_rng(seed)
-    sizes = rng.integers(min_tokens, max_tokens + 1, size=requests)
-    sender_blocks = -(-max_tokens // block_size)
+    jobs = [
+        (i, int(n)) for i, n in enumerate(rng.integers(min_tokens, max_tokens + 1, size=requests))
+    ]
+    per_max = -(-max_tokens // block_size)
+    enc_blocks = encoder_blocks or 4 * per_max
+    lang_blocks = language_blocks or max(per_max, -(-default_tokens // block_size) + 1)
+    schema = BufferSchema(hidden_size=hidden_size)
+    ctx = mp.get_context("spawn")
+    results: list[RoomResult] = []
+    with BootstrapServer(host="127.0.0.1", port=0) as boot:
+        common = dict(
+            bootstrap=boot.address,
+            hidden_size=hidden_size,
+            block_size=block_size,
+            transports=(transport,),
+            seed=seed,
+            room_timeout=120.0,
+        )
+        cmds, replies, out = ctx.Queue(), ctx.Queue(), ctx.Queue()
+        enc = ctx.Process(
+            target=encoder_worker,
+            name="embedlink-encoder",
+            args=({**common, "num_blocks": enc_blocks}, cmds, replies),
+            daemon=True,
+        )
+        lang = ctx.Process(
+            target=language_worker,
+            name="embedlink-language",
+            args=(
+                {
+                    **common,
+                    "num_blocks": lang_blocks,
+                    "default_tokens": default_tokens,
+                    "window": window,
+                },
+                jobs,
+                out,
+            ),
+            daemon=True,
+        )
+        enc.start()
+        try:
+            replies.get(timeout=60)
+            lang.start()
+            cmds.put(("send_many", jobs))
+            t0 = time.perf_counter()
+            with Progress(
+                TextColumn("[bold]demo"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[rate]}"),
+                console=console,
+            ) as bar:
+                task = bar.add_task("requests", total=requests, rate="")
+                end: Any = None
+                while end is None:
+                    try:
+                        item = out.get(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+                    except queue.Empty:
+                        raise click.ClickException(f"no progress within {timeout:g}s") from None
+                    if isinstance(item, RoomResult):
+                        results.append(item)
+                        done_bytes = sum(r.nbytes for r in results)
+                        rate = f"{done_bytes / (time.perf_counter() - t0) / 1e9:.2f} GB/s"
+                        bar.update(task, advance=1, rate=rate)
+                    else:
+                        end = item
+            wall = time.perf_counter() - t0
+            if end[0] == "crashed":
+                raise click.ClickException(f"language process crashed:\n{end[1]}")
+            cmds.put(("wait_idle", 30.0))
+            enc_reply = replies.get(timeout=60)
+            while enc_reply[0] != "idle":
+                enc_reply = replies.get(timeout=60)
+        finally:
+            cmds.put(("stop",))
+            for p in (enc, lang):
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+    _summary(console, schema, results, wall, transport, end, enc_reply)
+    if any(not r.ok for r in results) or len(results) != requests:
+        raise SystemExit(1)
+
+
+def _summary(
+    console: Console,
+    schema: BufferSchema,
+    results: list[Any],
+    wall: float,
+    transport: str,
+    end: Any,
+    enc_reply: Any,
+) -> None:
     finals: dict[Status, int] = {}
-    resumes = 0
-    nbytes = 0
-    lat: list[float] = []
-    bad = 0
-    t0 = time.perf_counter()
-    with Progress(
-        TextColumn("[bold]demo"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
-        task = bar.add_task("requests", total=requests)
-        for i, n in enumerate(sizes):
-            n = int(n)
-            arrays = _make_embedding(rng, n, hidden_size)
-            ts = time.perf_counter()
-            link = Link(
-                schema,
-                block_size=block_size,
-                sender_blocks=sender_blocks,
-                receiver_blocks=max(sender_blocks, -(-default_tokens // block_size)),
-                default_tokens=default_tokens,
-                room=i,
-            )
-            link.start()
-            link.send(arrays)
-            link.run()
-            lat.append(time.perf_counter() - ts)
-            room = link.dests["lang-0"].room
-            finals[room.status] = finals.get(room.status, 0) + 1
-            resumes += sum(1 for s, t in room.history if s is Status.Transferring and t > 0)
-            got = link.result("lang-0")
-            ok = room.status is Status.Success and all(
-                np.array_equal(got[k].view(np.uint8), v.view(np.uint8)) for k, v in arrays.items()
-            )
-            bad += not ok
-            nbytes += n * schema.token_bytes
-            bar.advance(task)
-    wall = time.perf_counter() - t0
-    table = Table(title="embedlink demo (in-process protocol core)")
+    for r in results:
+        finals[Status(r.status)] = finals.get(Status(r.status), 0) + 1
+    resumes = sum(sum(1 for s, _ in r.history if s == Status.Transferring) for r in results)
+    resumed_rooms = sum(1 for r in results if any(s == Status.Transferring for s, _ in r.history))
+    nbytes = sum(r.nbytes for r in results)
+    lat = np.array([r.latency for r in results]) if results else np.zeros(1)
+    table = Table(
+        title=f"embedlink demo over {transport} (encoder and language in separate processes)"
+    )
     table.add_column("metric")
     table.add_column("value", justify="right")
     for st in Status:
         if finals.get(st):
-            table.add_row(f"rooms {st}", str(finals[st]))
+            table.add_row(f"requests {st}", str(finals[st]))
+    table.add_row("requests that resumed", str(resumed_rooms))
     table.add_row("resumes", str(resumes))
-    table.add_row("bytes", f"{nbytes / 1e6:,.1f} MB")
-    table.add_row("throughput", f"{nbytes / wall / 1e9:.2f} GB/s")
-    table.add_row("p50 latency", f"{np.percentile(lat, 50) * 1e3:.2f} ms")
-    table.add_row("p99 latency", f"{np.percentile(lat, 99) * 1e3:.2f} ms")
-    table.add_row("verified byte for byte", f"{requests - bad}/{requests}")
+    table.add_row("bytes moved", f"{nbytes / 1e9:,.2f} GB")
+    table.add_row("throughput (incl. generating and verifying)", f"{nbytes / wall / 1e9:.2f} GB/s")
+    table.add_row(
+        "latency p50 (receiver created -> verified)", f"{np.percentile(lat, 50) * 1e3:.1f} ms"
+    )
+    table.add_row("latency p99", f"{np.percentile(lat, 99) * 1e3:.1f} ms")
+    ok = sum(r.ok for r in results)
+    table.add_row("verified byte for byte", f"{ok}/{len(results)}")
+    table.add_row("pool blocks in use at the end (enc, lang)", f"{enc_reply[2][0]}, {end[1][0]}")
     console.print(table)
-    if bad:
-        raise SystemExit(1)
+    for r in results:
+        if not r.ok:
+            console.print(f"[red]room {r.room} ({r.tokens} tokens): {Status(r.status)}: {r.reason}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8998, show_default=True)
+def bootstrap(host: str, port: int) -> None:
+    """Run a standalone bootstrap server until interrupted."""
+    from .bootstrap import BootstrapServer
+
+    server = BootstrapServer(host=host, port=port).start()
+    click.echo(f"embedlink bootstrap server on http://{server.address} (GET /health)")
+    server.serve_forever()
 
 
 if __name__ == "__main__":

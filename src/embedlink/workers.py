@@ -33,7 +33,7 @@ def make_embedding(schema: BufferSchema, n: int, seed: int, room: int) -> Embedd
     rng = np.random.default_rng([seed, room])
     arrays: dict[str, Any] = {}
     for f in schema.fields:
-        raw = rng.integers(0, 256, size=n * f.token_bytes, dtype=np.uint8)
+        raw = np.frombuffer(rng.bytes(n * f.token_bytes), dtype=np.uint8)
         arrays[f.name] = raw.view(f.np_dtype).reshape((n, *f.shape))
     extra = {
         k: v for k, v in arrays.items() if k not in ("embedding", "token_ids", "mrope_positions")
@@ -91,7 +91,7 @@ def encoder_worker(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
     """Run an :class:`EncoderEndpoint`; obey commands until ``("stop",)``.
 
     Commands: ``("open", room)`` (a sender that sends nothing yet),
-    ``("send", room, n)``, ``("abort", room)``, ``("wait_idle", timeout)``
+    ``("send", room, n)``, ``("send_many", [(room, n), ...])``, ``("abort", room)``, ``("wait_idle", timeout)``
     (clear finished rooms and report when none is live), ``("stats",)``,
     ``("stop",)``. Every command gets one reply on ``replies``; the first reply
     is ``("ready", address)``.
@@ -139,6 +139,13 @@ def encoder_worker(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
                     senders[room] = tx
                     tx.send(make_embedding(schema, n, seed, room))
                     replies.put(("sent", room))
+                elif kind == "send_many":
+                    for room, n in cmd[1]:
+                        reap()
+                        tx = ep.sender(room)
+                        senders[room] = tx
+                        tx.send(make_embedding(schema, n, seed, room))
+                    replies.put(("sent_many", len(cmd[1])))
                 elif kind == "abort":
                     senders[cmd[1]].abort()
                     replies.put(("aborted", cmd[1]))

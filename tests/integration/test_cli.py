@@ -5,7 +5,7 @@ import sys
 import pytest
 
 pytestmark = pytest.mark.integration
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
 
 
 def run(*args, timeout=120):
@@ -23,7 +23,8 @@ def test_cli_version():
     assert p.returncode == 0 and "protocol 1" in p.stdout
 
 
-def test_cli_demo_verifies_every_request():
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_cli_demo_verifies_every_request(transport):
     p = run(
         sys.executable,
         "-m",
@@ -35,10 +36,14 @@ def test_cli_demo_verifies_every_request():
         "64",
         "--max-tokens",
         "3000",
+        "--transport",
+        transport,
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "12/12" in p.stdout
     assert "resumes" in p.stdout
+    assert f"over {transport}" in p.stdout
+    assert "0, 0" in p.stdout  # both pools fully free at the end
 
 
 def test_cli_demo_rejects_bad_flags():

@@ -7,12 +7,12 @@ merged copy, no staging). Offered only when both ends run on the same kernel
 from __future__ import annotations
 
 import logging
+import mmap
 import os
-import sys
 import threading
 import uuid
 from collections.abc import Sequence
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
@@ -27,19 +27,23 @@ log = logging.getLogger(__name__)
 __all__ = ["BACKEND", "SharedPool", "ShmBackend", "ShmServer", "ShmWriter", "create_shared_pool"]
 
 
-def _attach(name: str) -> shared_memory.SharedMemory:
-    if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg,unused-ignore]
-    shm = shared_memory.SharedMemory(name=name)
-    if name.startswith(f"embedlink-{os.getpid()}-"):
-        return shm  # our own segment: the tracker entry is the creator's
-    # Before 3.13 an attaching process's resource tracker unlinks the segment
-    # when it exits, destroying the owner's pool; only the creator may unlink.
+def _attach(name: str) -> mmap.mmap:
+    """Map another process's segment without involving a resource tracker.
+
+    ``SharedMemory(name)`` would register the segment with this process's
+    tracker (before Python 3.13), which then unlinks it when this process
+    exits, destroying the owner's pool; or, with a tracker shared by sibling
+    processes, unregistering it would drop the owner's entry. Only the creator
+    tracks and unlinks its segment.
+    """
+    import _posixshmem  # type: ignore[import-not-found]  # CPython's shm_open binding
+
+    fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
     try:
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    except Exception:  # pragma: no cover - tracker internals vary
-        pass
-    return shm
+        size = os.fstat(fd).st_size
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
 
 
 def _close_mapping(shm: shared_memory.SharedMemory) -> None:
@@ -124,14 +128,14 @@ class ShmWriter(PeerWriter):
         self, segment: str, nbytes: int, offsets: dict[str, int], regions: dict[str, int]
     ) -> None:
         try:
-            self._shm: shared_memory.SharedMemory | None = _attach(segment)
-        except (FileNotFoundError, PermissionError, OSError) as exc:
+            self._map: mmap.mmap | None = _attach(segment)
+        except OSError as exc:
             raise TransportUnavailable(f"shm: cannot open segment {segment!r}: {exc}") from exc
-        if self._shm.size < nbytes:
+        if len(self._map) < nbytes:
             raise TransportUnavailable(f"shm: segment {segment!r} is smaller than advertised")
-        buf = self._shm.buf
-        assert buf is not None
-        self._mem: np.ndarray[Any, Any] | None = np.frombuffer(buf, dtype=np.uint8, count=nbytes)
+        self._mem: np.ndarray[Any, Any] | None = np.frombuffer(
+            self._map, dtype=np.uint8, count=nbytes
+        )
         self.offsets = offsets
         self.regions = regions
         self._lock = threading.Lock()
@@ -152,9 +156,12 @@ class ShmWriter(PeerWriter):
 
     def close(self) -> None:
         with self._lock:
-            shm, self._shm, self._mem = self._shm, None, None
-        if shm is not None:
-            _close_mapping(shm)
+            mapping, self._map, self._mem = self._map, None, None
+        if mapping is not None:
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # a write still holds a view; the mapping goes with it
 
 
 class ShmBackend:
