@@ -21,5 +21,11 @@ stamp=".venv/.embedlink-installed-${extras:-base}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q -e "$spec"
+  if [ "$extras" = test ] && [ "${EMBEDLINK_TEST_TORCH:-1}" = 1 ]; then
+    # torch tensors are an accepted input: test that path with the CPU build
+    # (this kind of machine keeps the 2.13.0 CPU wheel on disk; set
+    # EMBEDLINK_TEST_TORCH=0 to skip it, and those tests skip visibly).
+    .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
+  fi
   touch "$stamp"
 fi

@@ -299,3 +299,30 @@ def test_negotiation_prefers_the_receivers_order(boot):
         enc.sender(room=1).send(make_embedding(SCHEMA, 100, 0, 1))
         rx.wait(timeout=30)
         assert list(enc.sessions().values()) == ["shm"]
+
+
+def test_send_accepts_torch_tensors(pair, boot):
+    torch = pytest.importorskip("torch", reason="torch not installed (EMBEDLINK_TEST_TORCH=0)")
+    enc, lang = pair
+    want = make_embedding(SCHEMA, 700, 0, 11)
+    emb = Embedding(
+        embedding=torch.from_numpy(want.embedding.view(np.int16).copy()).view(torch.bfloat16),
+        token_ids=torch.from_numpy(want.token_ids.copy()),
+        mrope_positions=torch.from_numpy(want.mrope_positions.copy()),
+        mrope_position_delta=want.mrope_position_delta,
+    )
+    rx = lang.receiver(bootstrap=boot.address, room=11)
+    enc.sender(11).send(emb)
+    assert same_embedding(rx.wait(timeout=30), want)
+
+
+def test_send_waits_for_blocks_then_times_out(boot):
+    with EncoderEndpoint(
+        SCHEMA, bootstrap=boot.address, num_blocks=4, block_size=128, transports=("tcp",)
+    ) as enc:
+        enc.sender(1).send(make_embedding(SCHEMA, 512, 0, 1))  # fills the pool; nobody receives
+        tx = enc.sender(2)
+        with pytest.raises(TransferError, match="no free encoder blocks"):
+            tx.send(make_embedding(SCHEMA, 100, 0, 2), timeout=0.3)
+        assert tx.wait(5) is S.Failed
+        assert "no free encoder blocks" in tx.failure_reason
