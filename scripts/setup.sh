@@ -14,8 +14,21 @@ if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 extras=${1:-}
-spec="."
-[ -n "$extras" ] && spec=".[${extras}]"
+# The Mooncake engine's native library needs libibverbs1, even for TCP.
+if [ "$extras" = test ] && ! ldconfig -p 2>/dev/null | grep -q 'libibverbs.so.1 '; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get install -y -qq libibverbs1 >/dev/null 2>&1 ||
+      { apt-get update -qq && apt-get install -y -qq libibverbs1 >/dev/null; }) ||
+      echo "warning: could not install libibverbs1; mooncake tests will fail" >&2
+  else
+    echo "warning: libibverbs1 is missing (apt-get install libibverbs1); mooncake tests will fail" >&2
+  fi
+fi
+case "$extras" in
+  "") spec="." ;;
+  test) spec=".[test,mooncake]" ;;
+  *) spec=".[${extras}]" ;;
+esac
 stamp=".venv/.embedlink-installed-${extras:-base}"
 # Reinstall only when the project's metadata changed since the last install.
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then

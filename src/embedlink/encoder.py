@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -52,7 +52,7 @@ from .protocol import (
     encode,
 )
 from .sim import checksum
-from .transports import PeerWriter, TransportError, TransportUnavailable, get_backend
+from .transports import PeerWriter, TransportError, get_backend
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,7 @@ class EncoderEndpoint:
         room_timeout: float = 60.0,
         write_workers: int = 4,
         checksums: bool = False,
+        transport_options: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank={tp_rank} must be in [0, tp_size={tp_size})")
@@ -196,6 +197,7 @@ class EncoderEndpoint:
         self.port = port
         self.room_timeout = room_timeout
         self.checksums = checksums
+        self.transport_options = {k: dict(v) for k, v in (transport_options or {}).items()}
         self.pool = BufferPool(schema, num_blocks, block_size)
         self.allocator = BlockAllocator(num_blocks)
         self.stats = EndpointStats()
@@ -407,11 +409,16 @@ class EncoderEndpoint:
                     tried.append(f"{offer.name}: not reachable from here")
                     continue
                 peer.writer = backend.connect(
-                    offer, regions=peer.regions, field_names=self._field_names, timeout=10.0
+                    offer,
+                    regions=peer.regions,
+                    field_names=self._field_names,
+                    timeout=self.room_timeout,
+                    local_host=self.advertise_host,
+                    options=self.transport_options.get(offer.name),
                 )
                 peer.transport = offer.name
                 break
-            except (TransportUnavailable, TransportError) as exc:
+            except Exception as exc:  # a backend failing to connect must not kill the loop
                 tried.append(f"{offer.name}: {exc}")
         if peer.writer is None:
             offered = [o.name for o in msg.transports]

@@ -25,7 +25,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,6 +173,7 @@ class LanguageEndpoint:
         host: str = "127.0.0.1",
         room_timeout: float = 60.0,
         resume_headroom: int | None = None,
+        transport_options: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         if not transports:
             raise ValueError("offer at least one transport")
@@ -195,6 +196,7 @@ class LanguageEndpoint:
         self.tp_rank, self.tp_size, self.dp_size = tp_rank, tp_size, dp_size
         self.host = host
         self.room_timeout = room_timeout
+        self.transport_options = {k: dict(v) for k, v in (transport_options or {}).items()}
         self.session = f"lang-{tp_rank}-{uuid.uuid4().hex[:16]}"
         self._shared: Any = None
         if "shm" in self.transports:
@@ -234,7 +236,8 @@ class LanguageEndpoint:
         if self._started:
             return self
         for b in self._backends:
-            self._servers.append(b.server(self.pool, host=self.host).start())
+            server = b.server(self.pool, host=self.host, options=self.transport_options.get(b.name))
+            self._servers.append(server.start())
         self._ctx = zmq.Context()
         self._loop.start()
         self._started = True

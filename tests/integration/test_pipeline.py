@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 S = Status
 HIDDEN = 256
 SCHEMA = BufferSchema(hidden_size=HIDDEN)
-TRANSPORTS = ["tcp", "shm"]
+TRANSPORTS = ["tcp", "shm", "mooncake"]
 
 
 def enc_cfg(boot, transport, **kw):
@@ -288,17 +288,24 @@ def test_no_common_transport_is_a_clear_failure(boot):
             rx.wait(timeout=30)
 
 
-def test_negotiation_prefers_the_receivers_order(boot):
+@pytest.mark.parametrize(
+    ("enc_has", "lang_offers", "chosen"),
+    [
+        (("mooncake", "tcp"), ("mooncake", "tcp"), "mooncake"),
+        (("tcp",), ("mooncake", "tcp"), "tcp"),
+        (("mooncake", "tcp"), ("tcp",), "tcp"),
+        (("tcp", "shm"), ("shm", "tcp"), "shm"),
+    ],
+)
+def test_negotiation_picks_the_first_common_transport(boot, enc_has, lang_offers, chosen):
     with (
-        EncoderEndpoint(
-            SCHEMA, bootstrap=boot.address, num_blocks=16, transports=("tcp", "shm")
-        ) as enc,
-        LanguageEndpoint(SCHEMA, num_blocks=16, transports=("shm", "tcp")) as lang,
+        EncoderEndpoint(SCHEMA, bootstrap=boot.address, num_blocks=16, transports=enc_has) as enc,
+        LanguageEndpoint(SCHEMA, num_blocks=16, transports=lang_offers) as lang,
     ):
         rx = lang.receiver(bootstrap=boot.address, room=1)
-        enc.sender(room=1).send(make_embedding(SCHEMA, 100, 0, 1))
-        rx.wait(timeout=30)
-        assert list(enc.sessions().values()) == ["shm"]
+        enc.sender(room=1).send(make_embedding(SCHEMA, 300, 0, 1))
+        assert same_embedding(rx.wait(timeout=30), make_embedding(SCHEMA, 300, 0, 1))
+        assert list(enc.sessions().values()) == [chosen]
 
 
 def test_send_accepts_torch_tensors(pair, boot):

@@ -24,7 +24,7 @@ def src_pool():
     return p
 
 
-@pytest.fixture(params=["tcp", "shm"])
+@pytest.fixture(params=["tcp", "shm", "mooncake"])
 def endpoint(request):
     shared = create_shared_pool(SCHEMA, 8, 4)
     backend = get_backend(request.param)

@@ -5,6 +5,7 @@ vLLM's ``kv_connector/factory.py``)."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Protocol
 
 from ..memory import BufferPool
@@ -30,13 +31,19 @@ __all__ = [
 
 
 class Backend(Protocol):
-    """What a backend module provides."""
+    """What a backend module provides (as ``BACKEND``)."""
 
     name: str
 
-    def server(self, pool: BufferPool, *, host: str) -> TransportServer: ...
+    def server(
+        self, pool: BufferPool, *, host: str, options: Mapping[str, str] | None = None
+    ) -> TransportServer:
+        """The receiving half for ``pool``, reachable at ``host``."""
+        ...
 
-    def reachable(self, offer: TransportOffer, *, host_id: str) -> bool: ...
+    def reachable(self, offer: TransportOffer, *, host_id: str) -> bool:
+        """Whether this process can write to the peer behind ``offer``; never raises."""
+        ...
 
     def connect(
         self,
@@ -45,12 +52,17 @@ class Backend(Protocol):
         regions: dict[str, int],
         field_names: list[str],
         timeout: float,
-    ) -> PeerWriter: ...
+        local_host: str = "127.0.0.1",
+        options: Mapping[str, str] | None = None,
+    ) -> PeerWriter:
+        """A writer into the peer's pool (``regions``: field -> bytes)."""
+        ...
 
 
 _REGISTRY: dict[str, str] = {
     "tcp": "embedlink.transports.tcp",
     "shm": "embedlink.transports.shm",
+    "mooncake": "embedlink.transports.mooncake",
 }
 
 

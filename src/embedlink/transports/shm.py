@@ -11,7 +11,7 @@ import mmap
 import os
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from multiprocessing import shared_memory
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 from .._host import host_id as local_host_id
 from ..memory import BufferPool, pool_layout
 from ..protocol import AUX_FIELD, BufferSchema, Copy, TransportOffer
+from . import Backend
 from .base import PeerWriter, TransportError, TransportServer, TransportUnavailable, check_bounds
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,9 @@ class ShmWriter(PeerWriter):
 class ShmBackend:
     name = "shm"
 
-    def server(self, pool: BufferPool, *, host: str) -> TransportServer:
+    def server(
+        self, pool: BufferPool, *, host: str, options: Mapping[str, str] | None = None
+    ) -> TransportServer:
         return ShmServer(pool, host=host)
 
     def reachable(self, offer: TransportOffer, *, host_id: str) -> bool:
@@ -180,6 +183,8 @@ class ShmBackend:
         regions: dict[str, int],
         field_names: list[str],
         timeout: float,
+        local_host: str = "127.0.0.1",
+        options: Mapping[str, str] | None = None,
     ) -> PeerWriter:
         p = offer.params
         try:
@@ -192,4 +197,4 @@ class ShmBackend:
         return ShmWriter(p["segment"], nbytes, dict(zip(field_names, offs, strict=True)), regions)
 
 
-BACKEND = ShmBackend()
+BACKEND: Backend = ShmBackend()

@@ -22,10 +22,11 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..memory import BufferPool
 from ..protocol import AUX_FIELD, Copy, TransportOffer
+from . import Backend
 from .base import PeerWriter, TransportError, TransportServer, WriteOutOfBounds, check_bounds
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,9 @@ class TcpWriter(PeerWriter):
 class TcpBackend:
     name = "tcp"
 
-    def server(self, pool: BufferPool, *, host: str) -> TransportServer:
+    def server(
+        self, pool: BufferPool, *, host: str, options: Mapping[str, str] | None = None
+    ) -> TransportServer:
         return TcpServer(pool, host=host)
 
     def reachable(self, offer: TransportOffer, *, host_id: str) -> bool:
@@ -274,6 +277,8 @@ class TcpBackend:
         regions: dict[str, int],
         field_names: list[str],
         timeout: float,
+        local_host: str = "127.0.0.1",
+        options: Mapping[str, str] | None = None,
     ) -> PeerWriter:
         return TcpWriter(
             offer.params["host"],
@@ -284,4 +289,4 @@ class TcpBackend:
         )
 
 
-BACKEND = TcpBackend()
+BACKEND: Backend = TcpBackend()
