@@ -25,7 +25,11 @@ if [ "$extras" = test ] && ! ldconfig -p 2>/dev/null | grep -q 'libibverbs.so.1 
   fi
 fi
 case "$extras" in
-  "") spec="." ;;
+  "") # iproute2 for the network-namespace test
+if [ "$extras" = test ] && ! command -v ip >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get install -y -qq iproute2 >/dev/null 2>&1 || true
+fi
+spec="." ;;
   test) spec=".[test,mooncake]" ;;
   *) spec=".[${extras}]" ;;
 esac
