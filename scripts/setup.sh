@@ -24,12 +24,12 @@ if [ "$extras" = test ] && ! ldconfig -p 2>/dev/null | grep -q 'libibverbs.so.1 
     echo "warning: libibverbs1 is missing (apt-get install libibverbs1); mooncake tests will fail" >&2
   fi
 fi
-case "$extras" in
-  "") # iproute2 for the network-namespace test
+# iproute2 for the network-namespace test
 if [ "$extras" = test ] && ! command -v ip >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get install -y -qq iproute2 >/dev/null 2>&1 || true
 fi
-spec="." ;;
+case "$extras" in
+  "") spec="." ;;
   test) spec=".[test,mooncake]" ;;
   *) spec=".[${extras}]" ;;
 esac
