@@ -214,6 +214,139 @@ def _summary(
 
 
 @main.command()
+@click.option(
+    "--transport",
+    "-t",
+    "transports",
+    multiple=True,
+    type=click.Choice(["shm", "tcp", "mooncake"]),
+    help="Transport(s) to measure (default: all three).",
+)
+@click.option("--quick", is_flag=True, help="A short run (under a minute): fewer sizes and rooms.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print a JSON list of rows instead of a table."
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write a PNG of GB/s against payload (needs matplotlib).",
+)
+@click.option("--window", default=8, show_default=True, help="Rooms in flight.")
+@click.option("--hidden-size", default=3584, show_default=True)
+@click.option("--rooms", type=int, default=None, help="Rooms per row (default: by payload).")
+def bench(
+    transports: tuple[str, ...],
+    quick: bool,
+    as_json: bool,
+    plot_path: str | None,
+    window: int,
+    hidden_size: int,
+    rooms: int | None,
+) -> None:
+    """End-to-end throughput and latency beside each transport's raw limit.
+
+    Rows: transport x payload (64, 2000, 16384 tokens) x mode (exact
+    reservation, or the default 1024 so larger rooms resume). Each row reports
+    GB/s, the raw limit of that transport measured in this run and their
+    ratio, rooms/s, p50/p99 latency and the peak RSS of both processes.
+    """
+    from .bench import QUICK_SIZES, SIZES, plot, rows_json, run_bench
+
+    chosen = transports or ("shm", "tcp", "mooncake")
+    sizes = QUICK_SIZES if quick else SIZES
+    modes = ("exact", "resume")
+    token_bytes = BufferSchema(hidden_size=hidden_size).token_bytes
+
+    def rooms_for(n: int) -> int:
+        if rooms is not None:
+            return rooms
+        if quick:
+            return 300 if n <= 64 else 24
+        return max(16, min(3000, int(3e9 // (n * token_bytes))))
+
+    console = Console(stderr=as_json)
+    total = len(chosen) * len(sizes) * len(modes)
+    with Progress(
+        TextColumn("[bold]bench"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+    ) as bar:
+        task = bar.add_task("starting", total=total)
+        started = [False]
+
+        def progress(msg: str) -> None:
+            if started[0]:
+                bar.advance(task)
+            started[0] = True
+            bar.update(task, description=msg)
+
+        rows, extras = run_bench(
+            transports=chosen,
+            sizes=sizes,
+            modes=modes,
+            rooms_for=rooms_for,
+            window=window,
+            hidden_size=hidden_size,
+            progress=progress,
+        )
+        bar.update(task, completed=total, description="done")
+    if plot_path:
+        try:
+            plot(rows, plot_path)
+        except ImportError:
+            console.print(
+                "[yellow]matplotlib is not installed: pip install 'embedlink[bench]' for --plot"
+            )
+    if as_json:
+        click.echo(rows_json(rows))
+        return
+    table = Table(
+        title=f"embedlink bench (window {window}, hidden {hidden_size}; "
+        f"ZeroMQ 100-byte round trip p50 {extras['zmq_rtt_ms']:.3f} ms)"
+    )
+    for col in (
+        "transport",
+        "tokens",
+        "mode",
+        "rooms",
+        "GB/s",
+        "raw GB/s",
+        "ratio",
+        "rooms/s",
+        "p50 ms",
+        "p99 ms",
+        "resumes/room",
+        "RSS enc/lang MB",
+        "ok",
+    ):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r.transport,
+            str(r.tokens),
+            r.mode,
+            str(r.rooms),
+            f"{r.gbps:.2f}",
+            f"{r.raw_gbps:.2f}",
+            f"{r.ratio_to_raw:.2f}",
+            f"{r.rooms_per_s:,.0f}",
+            f"{r.p50_ms:.2f}",
+            f"{r.p99_ms:.2f}",
+            f"{r.resumes_per_room:.1f}",
+            f"{r.rss_encoder_mb:,.0f}/{r.rss_language_mb:,.0f}",
+            "yes" if r.verified else "NO",
+        )
+    console.print(table)
+    if not all(r.verified for r in rows):
+        raise SystemExit(1)
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8998, show_default=True)
 def bootstrap(host: str, port: int) -> None:

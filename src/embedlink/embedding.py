@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
-from .protocol import BufferSchema
+from . import _torch
+from .protocol import BufferSchema, resolve_dtype
 
 __all__ = ["Embedding", "to_pool_arrays"]
 
@@ -46,19 +49,13 @@ class Embedding:
         return self.extra.get(name)
 
 
-def _to_numpy(name: str, value: Any) -> np.ndarray[Any, Any]:
-    mod = type(value).__module__
-    if mod.startswith("torch"):
-        t = value.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        if str(t.dtype) == "torch.bfloat16":
-            import ml_dtypes
-
-            return np.asarray(t.contiguous().view(dtype=_torch_int16(t)).numpy()).view(
-                ml_dtypes.bfloat16
+def _to_numpy(name: str, value: Any, np_dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    if _torch.is_tensor(value):
+        if str(value.dtype).removeprefix("torch.") != _dtype_name(np_dtype):
+            raise ValueError(
+                f"field {name!r}: expected dtype {_dtype_name(np_dtype)}, got {value.dtype}"
             )
-        return np.asarray(t.contiguous().numpy())
+        return _torch.to_host_numpy(value, np_dtype)
     if isinstance(value, np.ndarray):
         return value
     raise ValueError(
@@ -66,33 +63,58 @@ def _to_numpy(name: str, value: Any) -> np.ndarray[Any, Any]:
     )
 
 
-def _torch_int16(t: Any) -> Any:
-    import torch  # only reached when a torch tensor was passed in
+def _dtype_name(dt: np.dtype[Any]) -> str:
+    return "bfloat16" if dt == np.dtype(ml_dtypes.bfloat16) else str(dt)
 
-    return torch.int16
+
+def _to_tensor(name: str, value: Any, dtype: str, device: str) -> Any:
+    t = _torch.torch()
+    if _torch.is_tensor(value):
+        if str(value.dtype).removeprefix("torch.") != dtype:
+            raise ValueError(f"field {name!r}: expected dtype {dtype}, got {value.dtype}")
+        return value
+    if isinstance(value, np.ndarray):
+        want = resolve_dtype(dtype)
+        if value.dtype != want:
+            raise ValueError(f"field {name!r}: expected dtype {dtype}, got {value.dtype}")
+        arr = np.ascontiguousarray(value)
+        with warnings.catch_warnings():
+            # read-only input is fine: it is only read, by the copy into the pool
+            warnings.simplefilter("ignore", UserWarning)
+            if dtype == "bfloat16":
+                return t.from_numpy(arr.view(np.int16)).view(t.bfloat16)
+            return t.from_numpy(arr)
+    raise ValueError(
+        f"field {name!r}: expected a numpy array or torch tensor, got {type(value).__name__}"
+    )
 
 
 def to_pool_arrays(
-    emb: Embedding, schema: BufferSchema
-) -> tuple[int, dict[str, np.ndarray[Any, Any]]]:
-    """Check ``emb`` against ``schema`` and return ``(n_tokens, {field: [n, *shape]})``.
+    emb: Embedding, schema: BufferSchema, torch_device: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Check ``emb`` against ``schema`` and return ``(n_tokens, {field: [n, *shape]})``:
+    numpy arrays, or torch tensors when ``torch_device`` is given (the pool is
+    a torch pool; the copy into it moves them to its device).
 
     Raises ValueError naming the field on a missing field, wrong shape or
     wrong dtype.
     """
-    if emb.embedding is None:
+    if emb.embedding is None and "embedding" in schema.names:
         raise ValueError("field 'embedding' is missing")
     known = set(schema.names)
     for name in emb.extra:
         if name not in known:
             raise ValueError(f"field {name!r} is not in the schema {list(schema.names)}")
     n: int | None = None
-    out: dict[str, np.ndarray[Any, Any]] = {}
+    out: dict[str, Any] = {}
     for f in schema.fields:
         value = emb.get(f.name)
         if value is None:
             raise ValueError(f"field {f.name!r} is missing")
-        arr = _to_numpy(f.name, value)
+        if torch_device is not None:
+            arr: Any = _to_tensor(f.name, value, f.dtype, torch_device)
+        else:
+            arr = _to_numpy(f.name, value, f.np_dtype)
         if f.name in _TRANSPOSED:
             if arr.ndim != 2 or arr.shape[0] != f.shape[0]:
                 raise ValueError(
@@ -100,18 +122,14 @@ def to_pool_arrays(
                 )
             arr = arr.T
         if arr.ndim != 1 + len(f.shape) or tuple(arr.shape[1:]) != f.shape:
-            raise ValueError(
-                f"field {f.name!r}: expected shape [n, {', '.join(map(str, f.shape))}]".replace(
-                    ", ]", "]"
-                )
-                + f", got {list(arr.shape)}"
-            )
-        if arr.dtype != f.np_dtype:
+            want = ", ".join(["n", *map(str, f.shape)])
+            raise ValueError(f"field {f.name!r}: expected shape [{want}], got {list(arr.shape)}")
+        if torch_device is None and arr.dtype != f.np_dtype:
             raise ValueError(f"field {f.name!r}: expected dtype {f.dtype}, got {arr.dtype}")
         if n is None:
             n = int(arr.shape[0])
         elif arr.shape[0] != n:
-            raise ValueError(f"field {f.name!r} has {arr.shape[0]} tokens, 'embedding' has {n}")
+            raise ValueError(f"field {f.name!r} has {arr.shape[0]} tokens, the first field has {n}")
         out[f.name] = arr
     assert n is not None
     if n <= 0:
@@ -126,7 +144,13 @@ def from_pool_arrays(arrays: dict[str, np.ndarray[Any, Any]], delta: int) -> Emb
     return Embedding(
         embedding=arrays.get("embedding"),
         token_ids=arrays.get("token_ids"),
-        mrope_positions=None if mrope is None else np.ascontiguousarray(mrope.T),
+        mrope_positions=None if mrope is None else _transpose(mrope),
         extra=extra,
         mrope_position_delta=delta,
     )
+
+
+def _transpose(x: Any) -> Any:
+    if _torch.is_tensor(x):
+        return x.T.contiguous()
+    return np.ascontiguousarray(x.T)

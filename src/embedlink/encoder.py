@@ -102,7 +102,7 @@ class Sender:
         if self._sent:
             raise ValueError(f"room {self.room}: send() was already called")
         ep = self._ep
-        n, arrays = to_pool_arrays(emb, ep.schema)
+        n, arrays = to_pool_arrays(emb, ep.schema, torch_device=ep.pool.device)
         need = -(-n // ep.block_size)
         if need > ep.num_blocks:
             raise ValueError(
@@ -117,11 +117,14 @@ class Sender:
             raise TransferError(self.room, reason)
         try:
             ep.pool.scatter(blocks, arrays)
-            aux = ep.pool.aux[blocks[0]]
-            aux["total_tokens"] = n
-            aux["mrope_position_delta"] = emb.mrope_position_delta
-            aux["checksum"] = checksum(arrays) if ep.checksums else 0
-            aux["flags"] = 1 if ep.checksums else 0
+            checks = ep.checksums and not ep.pool.is_torch
+            ep.pool.write_aux(
+                blocks[0],
+                total_tokens=n,
+                mrope_position_delta=emb.mrope_position_delta,
+                checksum=checksum(arrays) if checks else 0,
+                flags=1 if checks else 0,
+            )
         except BaseException:
             ep.allocator.free(blocks)
             raise
@@ -177,6 +180,7 @@ class EncoderEndpoint:
         write_workers: int = 4,
         checksums: bool = False,
         transport_options: Mapping[str, Mapping[str, str]] | None = None,
+        device: str | None = None,
     ) -> None:
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank={tp_rank} must be in [0, tp_size={tp_size})")
@@ -198,7 +202,7 @@ class EncoderEndpoint:
         self.room_timeout = room_timeout
         self.checksums = checksums
         self.transport_options = {k: dict(v) for k, v in (transport_options or {}).items()}
-        self.pool = BufferPool(schema, num_blocks, block_size)
+        self.pool = BufferPool(schema, num_blocks, block_size, device=device)
         self.allocator = BlockAllocator(num_blocks)
         self.stats = EndpointStats()
         self._field_names = [*schema.names, AUX_FIELD]
@@ -405,6 +409,11 @@ class EncoderEndpoint:
                 continue
             try:
                 backend = get_backend(offer.name)
+                if backend.host_memory_only and not self.pool.on_host:
+                    tried.append(
+                        f"{offer.name}: needs host memory, the encoder pool is on {self.pool.device}"
+                    )
+                    continue
                 if not backend.reachable(offer, host_id=host_id()):
                     tried.append(f"{offer.name}: not reachable from here")
                     continue

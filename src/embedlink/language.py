@@ -174,6 +174,7 @@ class LanguageEndpoint:
         room_timeout: float = 60.0,
         resume_headroom: int | None = None,
         transport_options: Mapping[str, Mapping[str, str]] | None = None,
+        device: str | None = None,
     ) -> None:
         if not transports:
             raise ValueError("offer at least one transport")
@@ -202,10 +203,14 @@ class LanguageEndpoint:
         if "shm" in self.transports:
             from .transports.shm import create_shared_pool
 
-            self._shared = create_shared_pool(schema, num_blocks, block_size)
+            if device not in (None, "cpu"):
+                raise ValueError(
+                    f"the shm transport needs host memory; a pool on {device} cannot offer it"
+                )
+            self._shared = create_shared_pool(schema, num_blocks, block_size, device=device)
             self.pool: BufferPool = self._shared.pool
         else:
-            self.pool = BufferPool(schema, num_blocks, block_size)
+            self.pool = BufferPool(schema, num_blocks, block_size, device=device)
         self.allocator = BlockAllocator(num_blocks)
         #: blocks first reservations leave for resumes (default: 1/8 of the pool, at least 1)
         self.resume_headroom = (
@@ -494,11 +499,12 @@ class LanguageEndpoint:
     def _harvest(self, live: _Live, h: Harvest) -> None:
         if not live.result:
             for f in self.schema.fields:
-                live.result[f.name] = np.empty((h.total_tokens, *f.shape), dtype=f.np_dtype)
+                live.result[f.name] = self.pool.empty(f.name, h.total_tokens)
         for f in self.schema.fields:
             self.pool.gather(h.runs, f.name, live.result[f.name], h.start_token)
+        self.pool.synchronize()
         if h.first:
-            live.aux = self.pool.aux[h.aux_block].copy()
+            live.aux = self.pool.read_aux(h.aux_block)
 
     def _tick(self, now: float) -> None:
         for live in list(self._rooms.values()):

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _torch
 from .protocol.layout import AUX_DTYPE, AUX_FIELD, AUX_SIZE, BufferSchema
 from .protocol.types import BlockId
 
@@ -55,10 +56,18 @@ def pool_layout(
 class BufferPool:
     """``num_blocks`` blocks of ``block_size`` tokens for every field of ``schema``.
 
-    ``buffer``, when given, is a writable buffer of at least :attr:`nbytes`
-    bytes to lay the pool out in (shared memory, pinned memory); otherwise the
-    pool allocates its own. ``segment`` names the shared-memory segment that
-    ``buffer`` belongs to, so the ``shm`` transport can offer it to peers. The pool never frees a buffer it did not allocate.
+    Host pools (``device=None``, the default) are numpy arrays. ``buffer``,
+    when given, is a writable buffer of at least :attr:`nbytes` bytes to lay
+    the pool out in (shared memory, pinned memory); otherwise the pool
+    allocates its own; ``segment`` names the shared-memory segment that
+    ``buffer`` belongs to, so the ``shm`` transport can offer it to peers. The
+    pool never frees a buffer it did not allocate.
+
+    ``device="cuda:0"`` (or ``"cpu"``) backs the pool with one torch tensor on
+    that device instead: :meth:`array` returns torch views and results are
+    torch tensors on the device. A ``"cpu"`` torch pool also has host views,
+    so every transport works with it; a CUDA pool has none and works with the
+    GPU transports (``cuda_ipc``, ``mooncake``) only.
     """
 
     def __init__(
@@ -69,14 +78,29 @@ class BufferPool:
         *,
         buffer: Any | None = None,
         segment: str | None = None,
+        device: str | None = None,
     ) -> None:
         self.schema = schema
         #: Name of the shared-memory segment holding ``buffer``, if any.
         self.segment = segment
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.device = device
         self.layout, self.nbytes = pool_layout(schema, num_blocks, block_size)
-        if buffer is None:
+        self._tensor: Any = None
+        self._backing: np.ndarray[Any, Any] | None
+        if device is not None:
+            t = _torch.torch()
+            if buffer is not None:
+                if device != "cpu":
+                    raise ValueError(
+                        f"an external buffer is host memory; device={device!r} cannot use it"
+                    )
+                self._tensor = t.frombuffer(buffer, dtype=t.uint8, count=self.nbytes)
+            else:
+                self._tensor = t.zeros(self.nbytes, dtype=t.uint8, device=device)
+            self._backing = self._tensor.numpy() if self._tensor.device.type == "cpu" else None
+        elif buffer is None:
             self._backing = np.zeros(self.nbytes, dtype=np.uint8)
         else:
             backing = np.frombuffer(buffer, dtype=np.uint8)
@@ -88,39 +112,68 @@ class BufferPool:
                 raise ValueError("the pool's buffer must be writable")
             self._backing = backing[: self.nbytes]
         tokens = self.capacity_tokens
-        self._arrays: dict[str, np.ndarray[Any, Any]] = {}
+        self._arrays: dict[str, Any] = {}
         for f in schema.fields:
             off, nbytes = self.layout[f.name]
-            raw = self._backing[off : off + nbytes]
-            self._arrays[f.name] = raw.view(f.np_dtype).reshape((tokens, *f.shape))
-        off, nbytes = self.layout[AUX_FIELD]
-        self.aux: np.ndarray[Any, Any] = self._backing[off : off + nbytes].view(AUX_DTYPE)
+            if self._tensor is not None:
+                raw_t = self._tensor[off : off + nbytes]
+                self._arrays[f.name] = raw_t.view(_torch.torch_dtype(f.dtype)).reshape(
+                    (tokens, *f.shape)
+                )
+            else:
+                assert self._backing is not None
+                raw = self._backing[off : off + nbytes]
+                self._arrays[f.name] = raw.view(f.np_dtype).reshape((tokens, *f.shape))
+
+    # -- shape and addresses
 
     @property
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
     @property
+    def is_torch(self) -> bool:
+        return self._tensor is not None
+
+    @property
+    def on_host(self) -> bool:
+        """Whether the memory is host memory (reachable by host transports)."""
+        return self._backing is not None
+
+    @property
     def base_addr(self) -> int:
-        """Address of the backing buffer (for registering it with a transport)."""
+        """Address of the backing buffer (a device pointer for CUDA pools)."""
+        if self._tensor is not None:
+            return int(self._tensor.data_ptr())
+        assert self._backing is not None
         return int(self._backing.ctypes.data)
 
     @property
     def backing(self) -> np.ndarray[Any, Any]:
-        """The whole backing buffer as flat uint8."""
+        """The whole backing buffer as flat uint8 host memory."""
+        if self._backing is None:
+            raise TypeError(f"a pool on {self.device} has no host view; use a GPU transport")
         return self._backing
 
-    def array(self, name: str) -> np.ndarray[Any, Any]:
-        """Field ``name`` as a ``[capacity_tokens, *shape]`` array (a view)."""
+    @property
+    def tensor(self) -> Any:
+        """The backing torch tensor (torch pools only)."""
+        if self._tensor is None:
+            raise TypeError("a host pool has no torch tensor")
+        return self._tensor
+
+    def array(self, name: str) -> Any:
+        """Field ``name`` as a ``[capacity_tokens, *shape]`` view (numpy, or
+        torch for torch pools)."""
         try:
             return self._arrays[name]
         except KeyError:
             raise KeyError(f"no field {name!r}; pool has {list(self._arrays)}") from None
 
     def field_bytes(self, name: str) -> memoryview:
-        """Field ``name`` (or :data:`AUX_FIELD`) as a flat writable byte view."""
+        """Field ``name`` (or :data:`AUX_FIELD`) as a flat writable host byte view."""
         off, nbytes = self._region(name)
-        return memoryview(self._backing[off : off + nbytes])  # type: ignore[arg-type]
+        return memoryview(self.backing[off : off + nbytes])  # type: ignore[arg-type]
 
     def region(self, name: str) -> tuple[int, int]:
         """``(address, nbytes)`` of field ``name`` (or the aux records)."""
@@ -133,6 +186,41 @@ class BufferPool:
         except KeyError:
             raise KeyError(f"no field {name!r}; pool has {list(self.layout)}") from None
 
+    # -- aux records
+
+    def read_aux(self, block: BlockId) -> np.void:
+        """A copy of the aux record in ``block``'s slot (a numpy record)."""
+        off = self.layout[AUX_FIELD][0] + block * AUX_SIZE
+        if self._backing is not None:
+            raw = self._backing[off : off + AUX_SIZE].copy()
+        else:
+            raw = self._tensor[off : off + AUX_SIZE].cpu().numpy()
+        rec: np.void = raw.view(AUX_DTYPE)[0]
+        return rec
+
+    def write_aux(
+        self,
+        block: BlockId,
+        *,
+        total_tokens: int,
+        mrope_position_delta: int,
+        checksum: int,
+        flags: int,
+    ) -> None:
+        """Fill the aux record in ``block``'s slot."""
+        rec = np.zeros(1, AUX_DTYPE)
+        rec["total_tokens"], rec["mrope_position_delta"] = total_tokens, mrope_position_delta
+        rec["checksum"], rec["flags"] = checksum, flags
+        off = self.layout[AUX_FIELD][0] + block * AUX_SIZE
+        raw = rec.view(np.uint8)
+        if self._backing is not None:
+            self._backing[off : off + AUX_SIZE] = raw
+        else:
+            t = _torch.torch()
+            self._tensor[off : off + AUX_SIZE].copy_(t.from_numpy(raw))
+
+    # -- copies in and out
+
     def token_index(self, blocks: Sequence[BlockId], count: int) -> np.ndarray[Any, Any]:
         """Pool token indices of the first ``count`` tokens of a reservation."""
         bs = self.block_size
@@ -141,30 +229,48 @@ class BufferPool:
         idx = (np.asarray(blocks, dtype=np.int64)[:, None] * bs + np.arange(bs)).reshape(-1)
         return idx[:count]
 
-    def scatter(
-        self, blocks: Sequence[BlockId], arrays: Mapping[str, np.ndarray[Any, Any]]
-    ) -> None:
+    def scatter(self, blocks: Sequence[BlockId], arrays: Mapping[str, Any]) -> None:
         """Write per-token arrays (leading axis = tokens) into ``blocks``, one
-        contiguous copy per run of adjacent blocks."""
+        contiguous copy per run of adjacent blocks. Torch pools take tensors
+        (on any device) or numpy arrays; host pools take numpy arrays."""
         for name, data in arrays.items():
             dst = self.array(name)
+            if self._tensor is not None and not _torch.is_tensor(data):
+                data = _torch.torch().from_numpy(np.ascontiguousarray(data))
             n = data.shape[0]
             for start, length, src in self._runs(blocks, n):
-                dst[start : start + length] = data[src : src + length]
+                if self._tensor is not None:
+                    dst[start : start + length].copy_(data[src : src + length], non_blocking=True)
+                else:
+                    dst[start : start + length] = data[src : src + length]
+        self.synchronize()
 
-    def gather(
-        self,
-        runs: Iterable[tuple[int, int]],
-        name: str,
-        out: np.ndarray[Any, Any],
-        out_start: int,
-    ) -> None:
+    def empty(self, name: str, tokens: int) -> Any:
+        """A new, uninitialised ``[tokens, *shape]`` array for field ``name``,
+        on the pool's device (numpy for host pools)."""
+        f = self.schema.field(name)
+        if self._tensor is not None:
+            t = _torch.torch()
+            return t.empty(
+                (tokens, *f.shape), dtype=_torch.torch_dtype(f.dtype), device=self._tensor.device
+            )
+        return np.empty((tokens, *f.shape), dtype=f.np_dtype)
+
+    def gather(self, runs: Iterable[tuple[int, int]], name: str, out: Any, out_start: int) -> None:
         """Copy ``(pool_token, count)`` runs of ``name`` into ``out`` from ``out_start``."""
         src = self.array(name)
         pos = out_start
         for start, length in runs:
-            out[pos : pos + length] = src[start : start + length]
+            if self._tensor is not None:
+                out[pos : pos + length].copy_(src[start : start + length], non_blocking=True)
+            else:
+                out[pos : pos + length] = src[start : start + length]
             pos += length
+
+    def synchronize(self) -> None:
+        """Wait for copies queued on a CUDA pool's device (no-op elsewhere)."""
+        if self._tensor is not None and self._tensor.device.type == "cuda":
+            _torch.torch().cuda.synchronize(self._tensor.device)
 
     def _runs(self, blocks: Sequence[BlockId], count: int) -> list[tuple[int, int, int]]:
         bs = self.block_size

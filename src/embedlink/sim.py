@@ -141,9 +141,13 @@ class Link:
         if blocks is None:
             return False
         self.sender_ep.pool.scatter(blocks, arrays)
-        aux = self.sender_ep.pool.aux[blocks[0]]
-        aux["total_tokens"], aux["mrope_position_delta"] = n, mrope_delta
-        aux["checksum"], aux["flags"] = checksum(arrays), 1
+        self.sender_ep.pool.write_aux(
+            blocks[0],
+            total_tokens=n,
+            mrope_position_delta=mrope_delta,
+            checksum=checksum(arrays),
+            flags=1,
+        )
         self._run_sender(self.sender.data_ready(n, blocks, self.now))
         return True
 
@@ -265,7 +269,7 @@ class Link:
         for f in self.schema.fields:
             d.ep.pool.gather(h.runs, f.name, d.result[f.name], h.start_token)
         if h.first:
-            d.aux = d.ep.pool.aux[h.aux_block].copy()
+            d.aux = d.ep.pool.read_aux(h.aux_block)
 
     # -- inspection
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _torch
 from .embedding import Embedding
 from .protocol import BufferSchema, TransferError
 
@@ -47,15 +48,26 @@ def make_embedding(schema: BufferSchema, n: int, seed: int, room: int) -> Embedd
     )
 
 
+def _host_bytes(x: Any) -> np.ndarray[Any, Any] | None:
+    if x is None:
+        return None
+    if _torch.is_tensor(x):
+        x = _torch.to_host_numpy(
+            x, np.dtype(np.uint8) if x.element_size() == 1 else np.dtype(f"u{x.element_size()}")
+        )
+    return np.ascontiguousarray(x).view(np.uint8)
+
+
 def same_embedding(a: Embedding, b: Embedding) -> bool:
+    """Byte-for-byte equality of every field (numpy or torch, any device)."""
+
     def eq(x: Any, y: Any) -> bool:
+        hx, hy = _host_bytes(x), _host_bytes(y)
         return bool(
-            x is not None
-            and y is not None
-            and x.shape == y.shape
-            and np.array_equal(
-                np.ascontiguousarray(x).view(np.uint8), np.ascontiguousarray(y).view(np.uint8)
-            )
+            hx is not None
+            and hy is not None
+            and tuple(x.shape) == tuple(y.shape)
+            and np.array_equal(hx.reshape(-1), hy.reshape(-1))
         )
 
     return (

@@ -333,3 +333,22 @@ def test_send_waits_for_blocks_then_times_out(boot):
             tx.send(make_embedding(SCHEMA, 100, 0, 2), timeout=0.3)
         assert tx.wait(5) is S.Failed
         assert "no free encoder blocks" in tx.failure_reason
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_torch_cpu_pools_end_to_end(boot, transport):
+    torch = pytest.importorskip("torch", reason="torch not installed (EMBEDLINK_TEST_TORCH=0)")
+    with (
+        EncoderEndpoint(
+            SCHEMA, bootstrap=boot.address, num_blocks=64, transports=(transport,), device="cpu"
+        ) as enc,
+        LanguageEndpoint(SCHEMA, num_blocks=16, transports=(transport,), device="cpu") as lang,
+    ):
+        for room, n in ((1, 500), (2, 3000)):
+            want = make_embedding(SCHEMA, n, 0, room)
+            rx = lang.receiver(bootstrap=boot.address, room=room)
+            enc.sender(room).send(want)
+            got = rx.wait(timeout=30)
+            assert isinstance(got.embedding, torch.Tensor)
+            assert same_embedding(got, want)
+            assert rx.history[-1] == (S.Success, n)

@@ -20,7 +20,9 @@ def test_pool_fields_are_contiguous_arrays_in_one_buffer():
     assert pool.array("mrope_positions").shape == (32, 3)
     for name, (off, n) in pool.layout.items():
         assert off % 4096 == 0 and off + n <= pool.nbytes, name
-    assert pool.aux.shape == (8,)
+    pool.write_aux(3, total_tokens=77, mrope_position_delta=-2, checksum=9, flags=1)
+    rec = pool.read_aux(3)
+    assert (int(rec["total_tokens"]), int(rec["mrope_position_delta"])) == (77, -2)
     assert len(pool.field_bytes(AUX_FIELD)) == 8 * 32
 
 

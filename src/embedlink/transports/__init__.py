@@ -34,6 +34,8 @@ class Backend(Protocol):
     """What a backend module provides (as ``BACKEND``)."""
 
     name: str
+    #: True when both pools must be host memory (the sender reads them on the CPU)
+    host_memory_only: bool
 
     def server(
         self, pool: BufferPool, *, host: str, options: Mapping[str, str] | None = None

@@ -203,6 +203,7 @@ class MooncakeWriter(PeerWriter):
 
 class MooncakeBackend:
     name = "mooncake"
+    host_memory_only = False
 
     def server(
         self, pool: BufferPool, *, host: str, options: Mapping[str, str] | None = None

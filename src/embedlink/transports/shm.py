@@ -71,11 +71,15 @@ class SharedPool:
     leaves the unlinking to Python's resource tracker.
     """
 
-    def __init__(self, schema: BufferSchema, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self, schema: BufferSchema, num_blocks: int, block_size: int, device: str | None = None
+    ) -> None:
         _, nbytes = pool_layout(schema, num_blocks, block_size)
         name = f"embedlink-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
-        self.pool = BufferPool(schema, num_blocks, block_size, buffer=self.shm.buf, segment=name)
+        self.pool = BufferPool(
+            schema, num_blocks, block_size, buffer=self.shm.buf, segment=name, device=device
+        )
         self._closed = False
 
     def close(self) -> None:
@@ -89,8 +93,10 @@ class SharedPool:
         _close_mapping(self.shm)
 
 
-def create_shared_pool(schema: BufferSchema, num_blocks: int, block_size: int) -> SharedPool:
-    return SharedPool(schema, num_blocks, block_size)
+def create_shared_pool(
+    schema: BufferSchema, num_blocks: int, block_size: int, device: str | None = None
+) -> SharedPool:
+    return SharedPool(schema, num_blocks, block_size, device)
 
 
 class ShmServer(TransportServer):
@@ -167,6 +173,7 @@ class ShmWriter(PeerWriter):
 
 class ShmBackend:
     name = "shm"
+    host_memory_only = True
 
     def server(
         self, pool: BufferPool, *, host: str, options: Mapping[str, str] | None = None

@@ -27,7 +27,14 @@ from collections.abc import Mapping, Sequence
 from ..memory import BufferPool
 from ..protocol import AUX_FIELD, Copy, TransportOffer
 from . import Backend
-from .base import PeerWriter, TransportError, TransportServer, WriteOutOfBounds, check_bounds
+from .base import (
+    PeerWriter,
+    TransportError,
+    TransportServer,
+    TransportUnavailable,
+    WriteOutOfBounds,
+    check_bounds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,8 @@ class TcpServer(TransportServer):
 
     def __init__(self, pool: BufferPool, *, host: str) -> None:
         super().__init__(pool, host=host)
+        if not pool.on_host:
+            raise TransportUnavailable(f"tcp: needs a host-memory pool, not one on {pool.device}")
         self._sock: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -261,6 +270,7 @@ class TcpWriter(PeerWriter):
 
 class TcpBackend:
     name = "tcp"
+    host_memory_only = True
 
     def server(
         self, pool: BufferPool, *, host: str, options: Mapping[str, str] | None = None

@@ -1,0 +1,431 @@
+"""``embedlink bench``: end-to-end throughput and latency per transport, payload
+and reservation mode, side by side with that transport's raw limit measured in
+the same run.
+
+For each transport one encoder process and one language process are started
+and kept for all of that transport's rows. A row sends ``rooms`` embeddings of
+``tokens`` tokens with ``window`` in flight; the reservation is either exact
+(``exact``) or the default 1024 tokens (``resume``, so larger rooms resume).
+Latency is ``send()`` called (encoder process) to ``wait()`` returned (language
+process), both on the host's monotonic clock. The first room of every row is
+verified byte for byte outside the timed path.
+
+Raw limits (the same bytes, measured here): ``shm`` a single-threaded memcpy;
+``tcp`` one loopback TCP stream into a preallocated buffer; ``mooncake`` one
+``batch_transfer_sync_write`` between two engines. The ZeroMQ round trip of
+100 bytes is reported for small-room latency.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import queue
+import resource
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .protocol import BufferSchema
+
+__all__ = ["BenchRow", "raw_gbps", "run_bench"]
+
+SIZES = (64, 2000, 16384)
+QUICK_SIZES = (64, 2000)
+
+
+@dataclass
+class BenchRow:
+    transport: str
+    tokens: int
+    mode: str
+    rooms: int
+    nbytes_per_room: int
+    gbps: float
+    raw_gbps: float
+    ratio_to_raw: float
+    rooms_per_s: float
+    p50_ms: float
+    p99_ms: float
+    raw_p50_ms: float
+    resumes_per_room: float
+    rss_encoder_mb: float
+    rss_language_mb: float
+    verified: bool
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _bench_encoder(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
+    from .encoder import EncoderEndpoint
+    from .workers import make_embedding
+
+    schema = BufferSchema(hidden_size=cfg["hidden_size"])
+    with EncoderEndpoint(
+        schema,
+        bootstrap=cfg["bootstrap"],
+        num_blocks=cfg["num_blocks"],
+        block_size=cfg["block_size"],
+        transports=(cfg["transport"],),
+        room_timeout=120.0,
+    ) as ep:
+        replies.put(("ready",))
+        cache: dict[int, Any] = {}
+        while True:
+            cmd = cmds.get()
+            if cmd[0] == "stop":
+                return
+            _, rooms = cmd
+            sent: dict[int, float] = {}
+            txs = []
+            for room, n in rooms:
+                if n not in cache:
+                    cache[n] = make_embedding(schema, n, 0, n)
+                tx = ep.sender(room)
+                sent[room] = time.monotonic()
+                tx.send(cache[n])
+                txs.append(tx)
+                # clear finished rooms as we go, so the table stays small
+                while txs and txs[0].poll().is_terminal:
+                    txs.pop(0).clear()
+            for tx in txs:
+                tx.wait(120)
+                tx.clear()
+            ep.allocator.wait_all_free(30)
+            replies.put(("row_done", sent, _rss_mb()))
+
+
+def _bench_language(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
+    from .language import LanguageEndpoint
+    from .protocol import Status
+    from .workers import make_embedding, same_embedding
+
+    schema = BufferSchema(hidden_size=cfg["hidden_size"])
+    with LanguageEndpoint(
+        schema,
+        num_blocks=cfg["num_blocks"],
+        block_size=cfg["block_size"],
+        default_tokens=1024,
+        transports=(cfg["transport"],),
+        room_timeout=120.0,
+    ) as ep:
+        replies.put(("ready",))
+        while True:
+            cmd = cmds.get()
+            if cmd[0] == "stop":
+                return
+            _, rooms, exact, window = cmd
+            done: dict[int, float] = {}
+            resumes = 0
+            verified = True
+            pending: list[tuple[int, int, Any]] = []
+            first = True
+
+            def finish(room: int, n: int, rx: Any, done: dict[int, float] = done) -> None:
+                nonlocal resumes, verified, first
+                try:
+                    emb = rx.wait(timeout=120)
+                    done[room] = time.monotonic()
+                    if first:  # outside the timed path of the others: it is done
+                        verified = same_embedding(emb, make_embedding(schema, n, 0, n))
+                        first = False
+                except Exception:
+                    verified = False
+                resumes += sum(1 for s, _ in rx.history if s is Status.Transferring)
+                rx.clear()
+
+            for room, n in rooms:
+                if len(pending) >= window:
+                    finish(*pending.pop(0))
+                tokens = n if exact else None
+                pending.append(
+                    (room, n, ep.receiver(bootstrap=cfg["bootstrap"], room=room, tokens=tokens))
+                )
+            for p in pending:
+                finish(*p)
+            ep.allocator.wait_all_free(30)
+            replies.put(("row_done", done, resumes, verified, _rss_mb()))
+
+
+# --------------------------------------------------------------------------- raw limits
+
+
+def _best(fn: Callable[[], None], nbytes: int, repeat: int, budget: float = 2.0) -> float:
+    """Best GB/s of ``fn`` over up to ``repeat`` runs within ``budget`` seconds."""
+    best = 0.0
+    t_end = time.perf_counter() + budget
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t
+        best = max(best, nbytes / dt / 1e9)
+        if time.perf_counter() > t_end:
+            break
+    return best
+
+
+def raw_memcpy_gbps(nbytes: int) -> float:
+    src = np.ones(nbytes, np.uint8)
+    dst = np.empty_like(src)
+    return _best(lambda: np.copyto(dst, src), nbytes, 20)
+
+
+def raw_tcp_gbps(nbytes: int) -> float:
+    """One loopback TCP stream of ``nbytes`` into a preallocated buffer."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    sink = memoryview(bytearray(nbytes))
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            while not stop.is_set():
+                got = 0
+                while got < nbytes:
+                    k = conn.recv_into(sink[got:], nbytes - got)
+                    if k == 0:
+                        return
+                    got += k
+                conn.sendall(b"k")
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    payload = memoryview(np.ones(nbytes, np.uint8))  # type: ignore[arg-type]
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def once() -> None:
+            c.sendall(payload)
+            c.recv(1)
+
+        gbps = _best(once, nbytes, 20)
+    stop.set()
+    srv.close()
+    th.join(2)
+    return gbps
+
+
+def raw_mooncake_gbps(nbytes: int) -> float:
+    """One ``batch_transfer_sync_write`` of ``nbytes`` between two engines."""
+    from .transports.mooncake import _engine_class
+
+    cls = _engine_class(verbose=False)
+    a, b = cls(), cls()
+    for e in (a, b):
+        if e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
+            raise RuntimeError("mooncake: initialize failed")
+    src = np.ones(nbytes, np.uint8)
+    dst = np.zeros(nbytes, np.uint8)
+    a.batch_register_memory([src.ctypes.data], [nbytes])
+    b.batch_register_memory([dst.ctypes.data], [nbytes])
+    target = f"127.0.0.1:{b.get_rpc_port()}"
+
+    def once() -> None:
+        rc = a.batch_transfer_sync_write(target, [src.ctypes.data], [dst.ctypes.data], [nbytes])
+        if rc != 0:
+            raise RuntimeError(f"mooncake raw write returned {rc}")
+
+    once()  # handshake outside the timing
+    return _best(once, nbytes, 20)
+
+
+def raw_gbps(transport: str, nbytes: int) -> float:
+    if transport == "shm":
+        return raw_memcpy_gbps(nbytes)
+    if transport == "tcp":
+        return raw_tcp_gbps(nbytes)
+    if transport == "mooncake":
+        return raw_mooncake_gbps(nbytes)
+    raise ValueError(f"no raw baseline for {transport!r}")
+
+
+def zmq_round_trip_ms(n: int = 2000) -> float:
+    """p50 of a 100-byte ZeroMQ REQ/REP round trip over loopback TCP (ms)."""
+    import zmq
+
+    ctx = zmq.Context()
+    rep = ctx.socket(zmq.REP)
+    port = rep.bind_to_random_port("tcp://127.0.0.1")
+
+    def serve() -> None:
+        for _ in range(n + 50):
+            rep.send(rep.recv())
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    req = ctx.socket(zmq.REQ)
+    req.connect(f"tcp://127.0.0.1:{port}")
+    msg = b"x" * 100
+    times = []
+    for i in range(n + 50):
+        t = time.perf_counter()
+        req.send(msg)
+        req.recv()
+        if i >= 50:
+            times.append(time.perf_counter() - t)
+    th.join(5)
+    req.close(0)
+    rep.close(0)
+    ctx.term()
+    return statistics.median(times) * 1e3
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def run_bench(
+    *,
+    transports: Sequence[str] = ("shm", "tcp", "mooncake"),
+    sizes: Sequence[int] = SIZES,
+    modes: Sequence[str] = ("exact", "resume"),
+    rooms_for: Callable[[int], int] | None = None,
+    window: int = 8,
+    hidden_size: int = 3584,
+    block_size: int = 128,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[BenchRow], dict[str, float]]:
+    """Run every (transport, size, mode) row; return the rows and the extras
+    (``zmq_rtt_ms``). Each transport's processes are spawned once."""
+    from .bootstrap import BootstrapServer
+
+    schema = BufferSchema(hidden_size=hidden_size)
+    rooms_for = rooms_for or (lambda n: max(8, min(2000, int(2e9 // (n * schema.token_bytes)))))
+    ctx = mp.get_context("spawn")
+    rows: list[BenchRow] = []
+    extras = {"zmq_rtt_ms": zmq_round_trip_ms()}
+    max_tokens = max(sizes)
+    per_room_blocks = -(-max_tokens // block_size)
+    room_id = 0
+    with BootstrapServer(host="127.0.0.1", port=0) as boot:
+        for transport in transports:
+            cfg = dict(
+                bootstrap=boot.address,
+                hidden_size=hidden_size,
+                block_size=block_size,
+                transport=transport,
+            )
+            e_cmd, e_rep, l_cmd, l_rep = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Queue()
+            enc = ctx.Process(
+                target=_bench_encoder,
+                daemon=True,
+                name=f"bench-encoder-{transport}",
+                args=({**cfg, "num_blocks": per_room_blocks * (window + 2)}, e_cmd, e_rep),
+            )
+            lang = ctx.Process(
+                target=_bench_language,
+                daemon=True,
+                name=f"bench-language-{transport}",
+                args=({**cfg, "num_blocks": per_room_blocks * window + 16}, l_cmd, l_rep),
+            )
+            enc.start()
+            lang.start()
+            try:
+                for q in (e_rep, l_rep):
+                    if q.get(timeout=120)[0] != "ready":
+                        raise RuntimeError("bench worker failed to start")
+                for n in sizes:
+                    raw = raw_gbps(transport, n * schema.token_bytes)
+                    for mode in modes:
+                        k = rooms_for(n)
+                        rooms = [(room_id + i, n) for i in range(k)]
+                        room_id += k
+                        if progress:
+                            progress(f"{transport} {n} tokens {mode}: {k} rooms")
+                        l_cmd.put(("row", rooms, mode == "exact", window))
+                        e_cmd.put(("row", rooms))
+                        try:
+                            _, sent, rss_e = e_rep.get(timeout=600)
+                            _, done, resumes, verified, rss_l = l_rep.get(timeout=600)
+                        except queue.Empty:
+                            raise RuntimeError(
+                                f"bench row {transport}/{n}/{mode} timed out"
+                            ) from None
+                        lat = [done[r] - sent[r] for r, _ in rooms if r in done and r in sent]
+                        span = max(done.values()) - min(sent.values()) if done else float("nan")
+                        nbytes = n * schema.token_bytes
+                        gbps = nbytes * len(done) / span / 1e9
+                        rows.append(
+                            BenchRow(
+                                transport=transport,
+                                tokens=n,
+                                mode=mode,
+                                rooms=k,
+                                nbytes_per_room=nbytes,
+                                gbps=round(gbps, 3),
+                                raw_gbps=round(raw, 3),
+                                ratio_to_raw=round(gbps / raw, 3) if raw else float("nan"),
+                                rooms_per_s=round(len(done) / span, 1),
+                                p50_ms=round(_pct(lat, 50) * 1e3, 3),
+                                p99_ms=round(_pct(lat, 99) * 1e3, 3),
+                                raw_p50_ms=round(nbytes / (raw * 1e9) * 1e3, 3)
+                                if raw
+                                else float("nan"),
+                                resumes_per_room=round(resumes / max(1, len(done)), 2),
+                                rss_encoder_mb=round(rss_e, 1),
+                                rss_language_mb=round(rss_l, 1),
+                                verified=bool(verified) and len(done) == k,
+                            )
+                        )
+            finally:
+                for q in (e_cmd, l_cmd):
+                    q.put(("stop",))
+                for p in (enc, lang):
+                    p.join(10)
+                    if p.is_alive():
+                        p.kill()
+    return rows, extras
+
+
+def rows_json(rows: Sequence[BenchRow]) -> str:
+    return json.dumps([asdict(r) for r in rows], indent=2)
+
+
+def plot(rows: Sequence[BenchRow], path: str) -> None:
+    """GB/s against payload per transport (and mode) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for t, m in sorted({(r.transport, r.mode) for r in rows}):
+        sel = sorted((r for r in rows if r.transport == t and r.mode == m), key=lambda r: r.tokens)
+        ax.plot(
+            [r.nbytes_per_room / 1e6 for r in sel],
+            [r.gbps for r in sel],
+            marker="o",
+            label=f"{t} ({m})",
+        )
+    for t in sorted({r.transport for r in rows}):
+        sel = sorted((r for r in rows if r.transport == t), key=lambda r: r.tokens)
+        ax.plot(
+            [r.nbytes_per_room / 1e6 for r in sel],
+            [r.raw_gbps for r in sel],
+            linestyle=":",
+            label=f"{t} raw limit",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("payload per room (MB)")
+    ax.set_ylabel("GB/s end to end")
+    ax.set_title("embedlink bench")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
