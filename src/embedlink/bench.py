@@ -58,6 +58,7 @@ class BenchRow:
     rss_encoder_mb: float
     rss_language_mb: float
     verified: bool
+    device: str = "host"
 
 
 def _rss_mb() -> float:
@@ -69,9 +70,10 @@ def _rss_mb() -> float:
 
 def _bench_encoder(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
     from .encoder import EncoderEndpoint
-    from .workers import make_embedding
+    from .workers import make_embedding, on_device
 
     schema = BufferSchema(hidden_size=cfg["hidden_size"])
+    device = cfg.get("device")
     with EncoderEndpoint(
         schema,
         bootstrap=cfg["bootstrap"],
@@ -79,6 +81,7 @@ def _bench_encoder(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
         block_size=cfg["block_size"],
         transports=(cfg["transport"],),
         room_timeout=120.0,
+        device=device,
     ) as ep:
         replies.put(("ready",))
         cache: dict[int, Any] = {}
@@ -91,7 +94,7 @@ def _bench_encoder(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
             txs = []
             for room, n in rooms:
                 if n not in cache:
-                    cache[n] = make_embedding(schema, n, 0, n)
+                    cache[n] = on_device(make_embedding(schema, n, 0, n), device)
                 tx = ep.sender(room)
                 sent[room] = time.monotonic()
                 tx.send(cache[n])
@@ -119,6 +122,7 @@ def _bench_language(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
         default_tokens=1024,
         transports=(cfg["transport"],),
         room_timeout=120.0,
+        device=cfg.get("device"),
     ) as ep:
         replies.put(("ready",))
         while True:
@@ -127,6 +131,7 @@ def _bench_language(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
                 return
             _, rooms, exact, window = cmd
             done: dict[int, float] = {}
+            created: dict[int, float] = {}
             resumes = 0
             verified = True
             pending: list[tuple[int, int, Any]] = []
@@ -149,13 +154,14 @@ def _bench_language(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
                 if len(pending) >= window:
                     finish(*pending.pop(0))
                 tokens = n if exact else None
+                created[room] = time.monotonic()
                 pending.append(
                     (room, n, ep.receiver(bootstrap=cfg["bootstrap"], room=room, tokens=tokens))
                 )
             for p in pending:
                 finish(*p)
             ep.allocator.wait_all_free(30)
-            replies.put(("row_done", done, resumes, verified, _rss_mb()))
+            replies.put(("row_done", done, created, resumes, verified, _rss_mb()))
 
 
 # --------------------------------------------------------------------------- raw limits
@@ -241,7 +247,76 @@ def raw_mooncake_gbps(nbytes: int) -> float:
     return _best(once, nbytes, 20)
 
 
-def raw_gbps(transport: str, nbytes: int) -> float:
+def _raw_ipc_child(q_in: Any, q_out: Any, nbytes: int) -> None:
+    import torch
+
+    dst = q_in.get()  # a CUDA tensor of the parent's, mapped here through CUDA IPC
+    src = torch.ones(nbytes, dtype=torch.uint8, device=dst.device)
+    stream = torch.cuda.Stream(device=dst.device)  # type: ignore[no-untyped-call,unused-ignore]
+
+    def once() -> None:
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+        stream.synchronize()
+
+    once()
+    q_out.put(_best(once, nbytes, 50))
+    q_in.get()  # keep the mapping until the parent is done
+
+
+def raw_cuda_ipc_gbps(nbytes: int, device: str) -> float:
+    """A device-to-device copy from another process into memory it maps through
+    CUDA IPC (torch's own sharing), synchronised like the transport's."""
+    import torch
+    import torch.multiprocessing as tmp
+
+    ctx = tmp.get_context("spawn")
+    q_in, q_out = ctx.Queue(), ctx.Queue()
+    dst = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+    p = ctx.Process(target=_raw_ipc_child, args=(q_in, q_out, nbytes), daemon=True)
+    p.start()
+    try:
+        q_in.put(dst)
+        gbps = float(q_out.get(timeout=120))
+        q_in.put(None)
+    finally:
+        p.join(20)
+        if p.is_alive():
+            p.kill()
+    return gbps
+
+
+def raw_mooncake_gpu_gbps(nbytes: int, device: str) -> float:
+    """One ``batch_transfer_sync_write`` of ``nbytes`` between GPU buffers."""
+    import torch
+
+    from .transports.mooncake import _engine_class
+
+    cls = _engine_class(verbose=False)
+    a, b = cls(), cls()
+    for e in (a, b):
+        if e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
+            raise RuntimeError("mooncake: initialize failed")
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+    a.batch_register_memory([src.data_ptr()], [nbytes])
+    b.batch_register_memory([dst.data_ptr()], [nbytes])
+    target = f"127.0.0.1:{b.get_rpc_port()}"
+
+    def once() -> None:
+        rc = a.batch_transfer_sync_write(target, [src.data_ptr()], [dst.data_ptr()], [nbytes])
+        if rc != 0:
+            raise RuntimeError(f"mooncake raw GPU write returned {rc}")
+
+    once()
+    return _best(once, nbytes, 20)
+
+
+def raw_gbps(transport: str, nbytes: int, device: str | None = None) -> float:
+    if transport == "cuda_ipc":
+        return raw_cuda_ipc_gbps(nbytes, device or "cuda:0")
+    if transport == "mooncake" and device is not None and device.startswith("cuda"):
+        return raw_mooncake_gpu_gbps(nbytes, device)
     if transport == "shm":
         return raw_memcpy_gbps(nbytes)
     if transport == "tcp":
@@ -299,6 +374,7 @@ def run_bench(
     hidden_size: int = 3584,
     block_size: int = 128,
     progress: Callable[[str], None] | None = None,
+    device: str | None = None,
 ) -> tuple[list[BenchRow], dict[str, float]]:
     """Run every (transport, size, mode) row; return the rows and the extras
     (``zmq_rtt_ms``). Each transport's processes are spawned once."""
@@ -319,6 +395,7 @@ def run_bench(
                 hidden_size=hidden_size,
                 block_size=block_size,
                 transport=transport,
+                device=device,
             )
             e_cmd, e_rep, l_cmd, l_rep = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Queue()
             enc = ctx.Process(
@@ -340,7 +417,7 @@ def run_bench(
                     if q.get(timeout=120)[0] != "ready":
                         raise RuntimeError("bench worker failed to start")
                 for n in sizes:
-                    raw = raw_gbps(transport, n * schema.token_bytes)
+                    raw = raw_gbps(transport, n * schema.token_bytes, device)
                     for mode in modes:
                         k = rooms_for(n)
                         rooms = [(room_id + i, n) for i in range(k)]
@@ -351,12 +428,18 @@ def run_bench(
                         e_cmd.put(("row", rooms))
                         try:
                             _, sent, rss_e = e_rep.get(timeout=600)
-                            _, done, resumes, verified, rss_l = l_rep.get(timeout=600)
+                            _, done, created, resumes, verified, rss_l = l_rep.get(timeout=600)
                         except queue.Empty:
                             raise RuntimeError(
                                 f"bench row {transport}/{n}/{mode} timed out"
                             ) from None
-                        lat = [done[r] - sent[r] for r, _ in rooms if r in done and r in sent]
+                        # from the moment both sides were ready (send() called and the
+                        # receiver created) to wait() returning
+                        lat = [
+                            done[r] - max(sent[r], created[r])
+                            for r, _ in rooms
+                            if r in done and r in sent and r in created
+                        ]
                         span = max(done.values()) - min(sent.values()) if done else float("nan")
                         nbytes = n * schema.token_bytes
                         gbps = nbytes * len(done) / span / 1e9
@@ -380,6 +463,7 @@ def run_bench(
                                 rss_encoder_mb=round(rss_e, 1),
                                 rss_language_mb=round(rss_l, 1),
                                 verified=bool(verified) and len(done) == k,
+                                device=device or "host",
                             )
                         )
             finally:

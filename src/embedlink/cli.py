@@ -219,7 +219,7 @@ def _summary(
     "-t",
     "transports",
     multiple=True,
-    type=click.Choice(["shm", "tcp", "mooncake"]),
+    type=click.Choice(["shm", "tcp", "mooncake", "cuda_ipc"]),
     help="Transport(s) to measure (default: all three).",
 )
 @click.option("--quick", is_flag=True, help="A short run (under a minute): fewer sizes and rooms.")
@@ -236,6 +236,9 @@ def _summary(
 @click.option("--window", default=8, show_default=True, help="Rooms in flight.")
 @click.option("--hidden-size", default=3584, show_default=True)
 @click.option("--rooms", type=int, default=None, help="Rooms per row (default: by payload).")
+@click.option(
+    "--device", default=None, help="Pools on this torch device (e.g. cuda:0); default host memory."
+)
 def bench(
     transports: tuple[str, ...],
     quick: bool,
@@ -244,6 +247,7 @@ def bench(
     window: int,
     hidden_size: int,
     rooms: int | None,
+    device: str | None,
 ) -> None:
     """End-to-end throughput and latency beside each transport's raw limit.
 
@@ -293,6 +297,7 @@ def bench(
             window=window,
             hidden_size=hidden_size,
             progress=progress,
+            device=device,
         )
         bar.update(task, completed=total, description="done")
     if plot_path:

@@ -58,6 +58,30 @@ def _host_bytes(x: Any) -> np.ndarray[Any, Any] | None:
     return np.ascontiguousarray(x).view(np.uint8)
 
 
+def on_device(emb: Embedding, device: str | None) -> Embedding:
+    """``emb`` with every array moved to torch ``device`` (unchanged for None)."""
+    if device is None:
+        return emb
+    from .embedding import _to_tensor
+
+    schema_like = {
+        "embedding": emb.embedding,
+        "token_ids": emb.token_ids,
+        "mrope_positions": emb.mrope_positions,
+        **emb.extra,
+    }
+    moved = {}
+    for k, v in schema_like.items():
+        moved[k] = _to_tensor(k, v, str(v.dtype), device).to(device)
+    return Embedding(
+        embedding=moved.pop("embedding"),
+        token_ids=moved.pop("token_ids"),
+        mrope_positions=moved.pop("mrope_positions"),
+        extra=moved,
+        mrope_position_delta=emb.mrope_position_delta,
+    )
+
+
 def same_embedding(a: Embedding, b: Embedding) -> bool:
     """Byte-for-byte equality of every field (numpy or torch, any device)."""
 
@@ -123,6 +147,7 @@ def encoder_worker(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
         tp_size=int(cfg.get("tp_size", 1)),
         dp_size=int(cfg.get("dp_size", 1)),
         room_timeout=float(cfg.get("room_timeout", 60.0)),
+        device=cfg.get("device"),
     ).start()
     senders: dict[int, Any] = {}
     replies.put(("ready", ep.address))
@@ -149,14 +174,14 @@ def encoder_worker(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
                     reap()
                     tx = senders.get(room) or ep.sender(room)
                     senders[room] = tx
-                    tx.send(make_embedding(schema, n, seed, room))
+                    tx.send(on_device(make_embedding(schema, n, seed, room), cfg.get("device")))
                     replies.put(("sent", room))
                 elif kind == "send_many":
                     for room, n in cmd[1]:
                         reap()
                         tx = ep.sender(room)
                         senders[room] = tx
-                        tx.send(make_embedding(schema, n, seed, room))
+                        tx.send(on_device(make_embedding(schema, n, seed, room), cfg.get("device")))
                     replies.put(("sent_many", len(cmd[1])))
                 elif kind == "abort":
                     senders[cmd[1]].abort()
@@ -210,6 +235,7 @@ def language_worker(cfg: dict[str, Any], jobs: list[tuple[int, int]], out: Any) 
             tp_size=int(cfg.get("tp_size", 1)),
             dp_size=int(cfg.get("dp_size", 1)),
             room_timeout=float(cfg.get("room_timeout", 60.0)),
+            device=cfg.get("device"),
         ) as ep:
             pending: list[tuple[int, int, Any, float]] = []
             it = iter(jobs)

@@ -101,7 +101,7 @@ class TransportOffer(msgspec.Struct, frozen=True):
     """A data plane the receiver offers, with what a sender needs to reach it."""
 
     name: StrT
-    params: Annotated[dict[StrT, StrT], Meta(max_length=32)] = {}
+    params: Annotated[dict[StrT, Annotated[str, Meta(max_length=4096)]], Meta(max_length=32)] = {}
 
 
 class Register(_Msg, frozen=True, tag="register"):

@@ -65,6 +65,7 @@ _REGISTRY: dict[str, str] = {
     "tcp": "embedlink.transports.tcp",
     "shm": "embedlink.transports.shm",
     "mooncake": "embedlink.transports.mooncake",
+    "cuda_ipc": "embedlink.transports.cuda_ipc",
 }
 
 
