@@ -467,7 +467,13 @@ class EncoderEndpoint:
                 if peer is not None:
                     self._send_raw(peer.identity, a.msg)
             elif isinstance(a, WriteChunk):
-                self._workers.submit(self._write, room, a)
+                peer = self._peers.get(a.dst)
+                limit = peer.writer.inline_max_bytes if peer and peer.writer else 0
+                if a.plan.nbytes <= limit:
+                    # A local copy this small costs less than two thread hand-offs.
+                    self._write(room, a, inline=True)
+                else:
+                    self._workers.submit(self._write, room, a)
             elif isinstance(a, FreeBlocks):
                 self.allocator.free(a.blocks)
             elif isinstance(a, StatusChanged):
@@ -481,8 +487,9 @@ class EncoderEndpoint:
                 self.stats.ignored_inputs += 1
                 log.debug("encoder: %s", a.reason)
 
-    def _write(self, room: SenderRoom, w: WriteChunk) -> None:
-        """Writer thread: move the bytes, then report to the loop."""
+    def _write(self, room: SenderRoom, w: WriteChunk, inline: bool = False) -> None:
+        """Move the bytes, then report to the loop (directly when ``inline``,
+        i.e. already on the loop thread)."""
         peer = self._peers.get(w.dst)
         ok, reason = True, None
         if peer is None or peer.writer is None:
@@ -499,7 +506,10 @@ class EncoderEndpoint:
             self.stats.chunks_written += 1
         else:
             self.stats.write_failures += 1
-        self._loop.call(self._write_done, room, w.dst, ok, reason)
+        if inline:
+            self._write_done(room, w.dst, ok, reason)
+        else:
+            self._loop.call(self._write_done, room, w.dst, ok, reason)
 
     def _write_done(self, room: SenderRoom, dst: SessionId, ok: bool, reason: str | None) -> None:
         self._run(room, room.write_done(dst, ok, time.monotonic(), reason))

@@ -106,6 +106,9 @@ class PeerWriter:
     write to the same peer at once."""
 
     name: str = ""
+    #: Plans up to this many bytes are written on the endpoint's loop thread
+    #: instead of a writer thread (local copies only; 0 for network transports).
+    inline_max_bytes: int = 0
 
     def write(self, copies: Sequence[Copy], src: BufferPool, timeout: float) -> None:
         """Copy every ``copies`` entry from ``src`` into the peer's pool, and return

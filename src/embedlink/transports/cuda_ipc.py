@@ -98,6 +98,8 @@ class CudaIpcWriter(PeerWriter):
     """Device-to-device copies into a peer's mapped pool, on a private stream."""
 
     name = "cuda_ipc"
+    # device-to-device copies are queued, then one stream sync (~30 us for 14 MB)
+    inline_max_bytes = 1 << 40
 
     def __init__(
         self, params: Mapping[str, str], field_names: list[str], regions: dict[str, int]
