@@ -1,6 +1,9 @@
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+from embedlink import BootstrapServer
 
 # Every property runs at least 200 examples, in CI and locally.
 settings.register_profile(
@@ -10,3 +13,10 @@ settings.register_profile(
     "dev", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture
+def boot():
+    """A real bootstrap server on a free loopback port."""
+    with BootstrapServer(host="127.0.0.1", port=0) as b:
+        yield b

@@ -239,6 +239,11 @@ def _summary(
 @click.option(
     "--device", default=None, help="Pools on this torch device (e.g. cuda:0); default host memory."
 )
+@click.option(
+    "--copying",
+    is_flag=True,
+    help="Measure send() and reassembling receives, not the one-copy path.",
+)
 def bench(
     transports: tuple[str, ...],
     quick: bool,
@@ -248,6 +253,7 @@ def bench(
     hidden_size: int,
     rooms: int | None,
     device: str | None,
+    copying: bool,
 ) -> None:
     """End-to-end throughput and latency beside each transport's raw limit.
 
@@ -298,6 +304,7 @@ def bench(
             hidden_size=hidden_size,
             progress=progress,
             device=device,
+            one_copy=not copying,
         )
         bar.update(task, completed=total, description="done")
     if plot_path:
@@ -311,7 +318,7 @@ def bench(
         click.echo(rows_json(rows))
         return
     table = Table(
-        title=f"embedlink bench (window {window}, hidden {hidden_size}; "
+        title=f"embedlink bench ({'copying' if copying else 'one-copy'} path, window {window}, hidden {hidden_size}; "
         f"ZeroMQ 100-byte round trip p50 {extras['zmq_rtt_ms']:.3f} ms)"
     )
     for col in (

@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 
@@ -89,40 +90,106 @@ class Sender:
         self._room = room
         self.room: RoomId = room.room
         self._sent = False
+        self._buffer: tuple[int, list[int]] | None = None
 
     def send(self, emb: Embedding, *, timeout: float | None = None) -> None:
         """Copy ``emb`` into the encoder pool and start sending it.
 
-        Called once per room. The caller may reuse its arrays as soon as this
-        returns. Raises ValueError (naming the field) when ``emb`` does not
-        match the schema or is larger than the whole pool; waits up to
-        ``timeout`` seconds (default: the room timeout) for free blocks, then
-        fails the room and raises :class:`TransferError`.
+        Called once per room (or :meth:`buffer` and :meth:`commit` instead).
+        The caller may reuse its arrays as soon as this returns. Raises
+        ValueError (naming the field) when ``emb`` does not match the schema or
+        is larger than the whole pool; waits up to ``timeout`` seconds
+        (default: the room timeout) for free blocks, then fails the room and
+        raises :class:`TransferError`.
         """
-        if self._sent:
-            raise ValueError(f"room {self.room}: send() was already called")
+        self._claim("send()")
         ep = self._ep
-        n, arrays = to_pool_arrays(emb, ep.schema, torch_device=ep.pool.device)
+        try:
+            n, arrays = to_pool_arrays(emb, ep.schema, torch_device=ep.pool.device)
+        except ValueError:
+            self._sent = False
+            raise
+        blocks = self._alloc(n, timeout, contiguous=False)
+        try:
+            ep.pool.scatter(blocks, arrays)
+        except BaseException:
+            ep.allocator.free(blocks)
+            raise
+        self._start(n, blocks, emb.mrope_position_delta, arrays)
+
+    def buffer(self, num_tokens: int, *, timeout: float | None = None) -> Embedding:
+        """Reserve ``num_tokens`` tokens in the encoder pool and return them as an
+        :class:`Embedding` of views: write the encoder's output straight into
+        them, then call :meth:`commit`. This is the one-copy path: the only
+        copy left is the transport's, into the language pool.
+
+        The views are contiguous (``mrope_positions`` is a ``[3, n]`` view of
+        the pool's ``[n, 3]`` field); they belong to the pool and must not be
+        used after :meth:`commit`. Same errors as :meth:`send`.
+        """
+        self._claim("buffer()")
+        ep = self._ep
+        if num_tokens <= 0:
+            self._sent = False
+            raise ValueError(f"room {self.room}: an embedding needs at least one token")
+        blocks = self._alloc(num_tokens, timeout, contiguous=True)
+        start = blocks[0] * ep.block_size
+        views = {f.name: ep.pool.view(f.name, start, num_tokens) for f in ep.schema.fields}
+        self._buffer = (num_tokens, blocks)
+        extra = {
+            k: v for k, v in views.items() if k not in ("embedding", "token_ids", "mrope_positions")
+        }
+        mrope = views.get("mrope_positions")
+        return Embedding(
+            embedding=views.get("embedding"),
+            token_ids=views.get("token_ids"),
+            mrope_positions=None if mrope is None else mrope.T,
+            extra=extra,
+        )
+
+    def commit(self, *, mrope_position_delta: int = 0) -> None:
+        """Start sending what was written into :meth:`buffer`."""
+        if self._buffer is None:
+            raise ValueError(f"room {self.room}: commit() without buffer()")
+        n, blocks = self._buffer
+        self._buffer = None
+        self._ep.pool.synchronize()
+        self._start(n, blocks, mrope_position_delta, None)
+
+    def _claim(self, what: str) -> None:
+        if self._sent:
+            raise ValueError(f"room {self.room}: {what} after the embedding was already given")
+        self._sent = True
+
+    def _alloc(self, n: int, timeout: float | None, *, contiguous: bool) -> list[int]:
+        ep = self._ep
         need = -(-n // ep.block_size)
         if need > ep.num_blocks:
+            self._sent = False
             raise ValueError(
                 f"room {self.room}: {n} tokens need {need} blocks but the encoder pool has {ep.num_blocks}"
             )
-        self._sent = True
         wait = ep.room_timeout if timeout is None else timeout
-        blocks = ep.allocator.alloc_wait(need, wait)
+        if contiguous:
+            blocks = ep.allocator.alloc_contiguous_wait(need, wait)
+        else:
+            blocks = ep.allocator.alloc_wait(need, wait)
         if blocks is None:
-            reason = f"no free encoder blocks for {n} tokens within {wait:g}s"
+            kind = "adjacent " if contiguous else ""
+            reason = f"no {kind}free encoder blocks for {n} tokens within {wait:g}s"
             ep._loop.call(ep._abort_room, self._room, reason)
             raise TransferError(self.room, reason)
+        return blocks
+
+    def _start(self, n: int, blocks: list[int], delta: int, arrays: dict[str, Any] | None) -> None:
+        ep = self._ep
+        checks = ep.checksums and arrays is not None and not ep.pool.is_torch
         try:
-            ep.pool.scatter(blocks, arrays)
-            checks = ep.checksums and not ep.pool.is_torch
             ep.pool.write_aux(
                 blocks[0],
                 total_tokens=n,
-                mrope_position_delta=emb.mrope_position_delta,
-                checksum=checksum(arrays) if checks else 0,
+                mrope_position_delta=delta,
+                checksum=checksum(arrays) if checks and arrays is not None else 0,
                 flags=1 if checks else 0,
             )
         except BaseException:
@@ -150,7 +217,11 @@ class Sender:
         return self._room.status
 
     def abort(self, reason: str = "aborted by sender") -> None:
-        """Give up on the room; destinations are told. No-op once terminal."""
+        """Give up on the room; destinations are told. No-op once terminal.
+        Blocks handed out by :meth:`buffer` and never committed go back."""
+        if self._buffer is not None:
+            self._ep.allocator.free(self._buffer[1])
+            self._buffer = None
         self._ep._loop.call(self._ep._abort_room, self._room, reason)
 
     def clear(self) -> None:

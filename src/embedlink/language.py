@@ -100,6 +100,7 @@ class _Live:
     result: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
     aux: Any = None
     queued: bool = False  # waiting in the reservation queue
+    pinned: tuple[int, ...] | None = None  # blocks a zero-copy result lives in
 
 
 class Receiver:
@@ -132,6 +133,8 @@ class Receiver:
 
         Raises :class:`TransferError` (room ``Failed``) with the reason, or
         ``TimeoutError`` when ``timeout`` passes first (the room is untouched).
+        With ``zero_copy=True`` on the endpoint, an embedding that arrived in
+        one chunk is returned as views into the pool, valid until :meth:`clear`.
         """
         if not self._live.done.wait(timeout):
             raise TimeoutError(f"room {self.room} still {self.poll()} after {timeout}s")
@@ -173,6 +176,7 @@ class LanguageEndpoint:
         host: str = "127.0.0.1",
         room_timeout: float = 60.0,
         resume_headroom: int | None = None,
+        zero_copy: bool = False,
         transport_options: Mapping[str, Mapping[str, str]] | None = None,
         device: str | None = None,
     ) -> None:
@@ -198,6 +202,8 @@ class LanguageEndpoint:
         self.host = host
         self.room_timeout = room_timeout
         self.transport_options = {k: dict(v) for k, v in (transport_options or {}).items()}
+        #: return single-chunk results as views into the pool (valid until clear())
+        self.zero_copy = zero_copy
         self.session = f"lang-{tp_rank}-{uuid.uuid4().hex[:16]}"
         self._shared: Any = None
         if "shm" in self.transports:
@@ -386,6 +392,11 @@ class LanguageEndpoint:
     def _clear_room(self, live: _Live) -> None:
         if not live.room.done:
             self._abort_room(live, "cleared before it finished")
+        if live.pinned is not None:
+            blocks, live.pinned = live.pinned, None
+            live.result = {}
+            self.allocator.free(blocks)
+            self._retry_reservations()
         with self._lock:
             if self._rooms.get(live.room.room) is live:
                 del self._rooms[live.room.room]
@@ -446,6 +457,8 @@ class LanguageEndpoint:
             elif isinstance(a, Harvest):
                 self._harvest(live, a)
             elif isinstance(a, FreeBlocks):
+                if live.pinned is not None and a.blocks == live.pinned:
+                    continue  # a zero-copy result lives there until clear()
                 self.allocator.free(a.blocks)
                 freed = True
             elif isinstance(a, StatusChanged):
@@ -497,6 +510,19 @@ class LanguageEndpoint:
                     return
 
     def _harvest(self, live: _Live, h: Harvest) -> None:
+        if (
+            self.zero_copy
+            and h.first
+            and h.count == h.total_tokens
+            and len(h.runs) == 1
+            and h.blocks
+        ):
+            # The whole embedding arrived in one contiguous chunk: hand out views.
+            start, count = h.runs[0]
+            live.result = {f.name: self.pool.view(f.name, start, count) for f in self.schema.fields}
+            live.pinned = h.blocks
+            live.aux = self.pool.read_aux(h.aux_block)
+            return
         if not live.result:
             for f in self.schema.fields:
                 live.result[f.name] = self.pool.empty(f.name, h.total_tokens)

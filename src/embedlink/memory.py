@@ -245,6 +245,11 @@ class BufferPool:
                     dst[start : start + length] = data[src : src + length]
         self.synchronize()
 
+    def view(self, name: str, start_token: int, tokens: int) -> Any:
+        """Field ``name`` for pool tokens ``[start_token, start_token + tokens)``,
+        as a view (numpy, or torch for torch pools): writes land in the pool."""
+        return self.array(name)[start_token : start_token + tokens]
+
     def empty(self, name: str, tokens: int) -> Any:
         """A new, uninitialised ``[tokens, *shape]`` array for field ``name``,
         on the pool's device (numpy for host pools)."""
@@ -348,6 +353,22 @@ class BlockAllocator:
                 got = self._alloc_locked(num_blocks)
                 if got is not None:
                     return got
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def alloc_contiguous_wait(self, num_blocks: int, timeout: float | None) -> list[BlockId] | None:
+        """``num_blocks`` adjacent blocks (one run), waiting up to ``timeout``
+        seconds for one to free up; ``None`` when none did."""
+        if num_blocks > self.num_blocks:
+            raise ValueError(f"{num_blocks} blocks requested from a pool of {self.num_blocks}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for s in self._starts:
+                    if self._lens[s] >= num_blocks:
+                        return self._take(s, num_blocks)
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None

@@ -5,7 +5,6 @@ import queue
 
 import pytest
 
-from embedlink import BootstrapServer
 from embedlink.workers import encoder_worker, language_worker
 
 CTX = mp.get_context("spawn")
@@ -69,12 +68,6 @@ class LanguageProc:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(5)
-
-
-@pytest.fixture
-def boot():
-    with BootstrapServer(host="127.0.0.1", port=0) as b:
-        yield b
 
 
 @pytest.fixture

@@ -352,3 +352,52 @@ def test_torch_cpu_pools_end_to_end(boot, transport):
             assert isinstance(got.embedding, torch.Tensor)
             assert same_embedding(got, want)
             assert rx.history[-1] == (S.Success, n)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_one_copy_path_buffer_commit_and_zero_copy_receive(boot, transport):
+    with (
+        EncoderEndpoint(
+            SCHEMA, bootstrap=boot.address, num_blocks=64, transports=(transport,)
+        ) as enc,
+        LanguageEndpoint(SCHEMA, num_blocks=32, transports=(transport,), zero_copy=True) as lang,
+    ):
+        want = make_embedding(SCHEMA, 1500, 0, 5)
+        rx = lang.receiver(bootstrap=boot.address, room=5, tokens=1500)
+        tx = enc.sender(5)
+        buf = tx.buffer(1500)
+        assert enc.allocator.num_used == 12
+        buf.embedding[:] = want.embedding
+        buf.token_ids[:] = want.token_ids
+        buf.mrope_positions[:] = want.mrope_positions  # a [3, n] view of the pool's [n, 3]
+        tx.commit(mrope_position_delta=want.mrope_position_delta)
+        got = rx.wait(timeout=30)
+        assert same_embedding(got, want)
+        # the result lives in the language pool until clear()
+        assert np.shares_memory(got.embedding, lang.pool.array("embedding"))
+        assert lang.allocator.num_used == 12
+        rx.clear()
+        assert lang.allocator.wait_all_free(5)
+        # a resumed room is reassembled into its own memory instead
+        rx2 = lang.receiver(bootstrap=boot.address, room=6)
+        enc.sender(6).send(make_embedding(SCHEMA, 3000, 0, 6))
+        got2 = rx2.wait(timeout=30)
+        assert not np.shares_memory(got2.embedding, lang.pool.array("embedding"))
+        assert same_embedding(got2, make_embedding(SCHEMA, 3000, 0, 6))
+        assert enc.allocator.wait_all_free(5)
+
+
+def test_buffer_errors_and_abort_returns_blocks(boot):
+    with EncoderEndpoint(SCHEMA, bootstrap=boot.address, num_blocks=8, transports=("tcp",)) as enc:
+        tx = enc.sender(1)
+        with pytest.raises(ValueError, match="pool has 8"):
+            tx.buffer(8 * 128 + 1)
+        with pytest.raises(ValueError, match="without buffer"):
+            tx.commit()
+        tx.buffer(300)
+        with pytest.raises(ValueError, match="already"):
+            tx.buffer(10)
+        assert enc.allocator.num_used == 3
+        tx.abort()
+        assert enc.allocator.num_used == 0
+        assert tx.wait(5) is S.Failed

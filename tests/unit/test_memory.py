@@ -118,3 +118,12 @@ def test_allocator_alloc_wait_times_out_and_rejects_impossible():
     assert a.alloc_wait(1, timeout=0.01) is None
     with pytest.raises(ValueError, match="pool of 2"):
         a.alloc_wait(3, timeout=0.01)
+
+
+def test_allocator_contiguous_wait_skips_fragments():
+    a = BlockAllocator(8)
+    blocks = a.alloc(8)
+    a.free([blocks[i] for i in (0, 2, 3, 6)])
+    assert a.alloc_contiguous_wait(2, timeout=0.01) == [2, 3]
+    assert a.alloc_contiguous_wait(2, timeout=0.01) is None  # 0 and 6 are free but apart
+    assert a.num_free == 2

@@ -116,7 +116,9 @@ class Harvest:
     """Copy tokens ``[start_token, start_token + count)`` of the embedding out of
     the local pool into the request's own memory. ``runs`` lists
     ``(pool_token, count)`` pieces in order; when ``first`` the aux record in the
-    slot of ``aux_block`` belongs to the request too."""
+    slot of ``aux_block`` belongs to the request too. ``blocks`` is the
+    reservation the chunk arrived in (freed by the :class:`FreeBlocks` that
+    follows)."""
 
     start_token: int
     count: int
@@ -124,6 +126,7 @@ class Harvest:
     runs: tuple[tuple[int, int], ...]
     first: bool
     aux_block: BlockId
+    blocks: tuple[BlockId, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -719,6 +722,7 @@ class ReceiverRoom(_Room):
                 runs=block_runs(self.block_size, self.blocks, count),
                 first=first,
                 aux_block=self._aux_block if self._aux_block is not None else self.blocks[0],
+                blocks=self.blocks,
             )
         )
         self._release(out)
