@@ -69,6 +69,7 @@ class _Peer:
     transport: str | None = None
     refused: str | None = None
     regions: dict[str, int] = field(default_factory=dict)
+    last_seen: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class EndpointStats:
     bytes_written: int = 0
     chunks_written: int = 0
     write_failures: int = 0
+    dead_sessions: int = 0
 
 
 class Sender:
@@ -252,6 +254,8 @@ class EncoderEndpoint:
         checksums: bool = False,
         transport_options: Mapping[str, Mapping[str, str]] | None = None,
         device: str | None = None,
+        heartbeat_interval: float = 2.0,
+        heartbeat_misses: int = 3,
     ) -> None:
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank={tp_rank} must be in [0, tp_size={tp_size})")
@@ -259,6 +263,11 @@ class EncoderEndpoint:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if room_timeout <= 0:
             raise ValueError(f"room_timeout must be positive, got {room_timeout}")
+        if heartbeat_interval <= 0 or heartbeat_misses < 1:
+            raise ValueError(
+                f"heartbeat_interval={heartbeat_interval} must be positive and "
+                f"heartbeat_misses={heartbeat_misses} at least 1"
+            )
         for t in transports:
             get_backend(t)  # unknown names fail here, at construction
         self.schema = schema
@@ -272,6 +281,10 @@ class EncoderEndpoint:
         self.port = port
         self.room_timeout = room_timeout
         self.checksums = checksums
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_misses = heartbeat_misses
+        # cleared rooms that still have a write in flight (kept for peer death)
+        self._orphans: set[SenderRoom] = set()
         self.transport_options = {k: dict(v) for k, v in (transport_options or {}).items()}
         self.pool = BufferPool(schema, num_blocks, block_size, device=device)
         self.allocator = BlockAllocator(num_blocks)
@@ -405,6 +418,8 @@ class EncoderEndpoint:
             if self._rooms.get(room.room) is room:
                 del self._rooms[room.room]
                 self._events.pop(room, None)
+        if not room.src_freed:
+            self._orphans.add(room)  # a write is still in flight; its blocks come back later
 
     def _on_readable(self, sock: zmq.Socket[bytes]) -> None:
         for _ in range(256):  # bounded, so timers and calls still run under load
@@ -430,8 +445,16 @@ class EncoderEndpoint:
             self._on_register(identity, msg)
             return
         if isinstance(msg, Heartbeat):
+            known = self._peers.get(msg.session)
+            if known is not None and known.refused is None:
+                known.last_seen = now
+                known.identity = identity
             if msg.reply:
-                self._send_raw(identity, Heartbeat(session=msg.session, seq=msg.seq, reply=False))
+                registered = known is not None and known.refused is None
+                self._send_raw(
+                    identity,
+                    Heartbeat(session=msg.session, seq=msg.seq, reply=False, registered=registered),
+                )
             return
         if isinstance(msg, StatusUpdate):
             self.stats.dropped_messages += 1
@@ -443,6 +466,7 @@ class EncoderEndpoint:
                 self._refuse(identity, msg.room, msg.epoch, f"refused: {why}")
             return
         peer.identity = identity
+        peer.last_seen = now
         room = self._rooms.get(msg.room)
         if room is None:
             if isinstance(msg, TransferRequest):
@@ -547,6 +571,7 @@ class EncoderEndpoint:
                     self._workers.submit(self._write, room, a)
             elif isinstance(a, FreeBlocks):
                 self.allocator.free(a.blocks)
+                self._orphans.discard(room)
             elif isinstance(a, StatusChanged):
                 if a.new.is_terminal:
                     ev = self._events.get(room)
@@ -582,6 +607,28 @@ class EncoderEndpoint:
         else:
             self._loop.call(self._write_done, room, w.dst, ok, reason)
 
+    def _check_liveness(self, now: float) -> None:
+        """Declare sessions dead that sent nothing (heartbeats included) for
+        ``heartbeat_interval * heartbeat_misses`` seconds: their rooms fail and
+        free their blocks; the session is refused until it registers again."""
+        limit = self.heartbeat_interval * self.heartbeat_misses
+        for peer in list(self._peers.values()):
+            if peer.refused is not None or now - peer.last_seen <= limit:
+                continue
+            reason = f"no heartbeat from {peer.session} for {now - peer.last_seen:.1f}s"
+            peer.refused = f"session declared dead ({reason}); register again"
+            self.stats.dead_sessions += 1
+            log.warning("encoder: %s", peer.refused)
+            if peer.writer is not None:
+                peer.writer.close()
+                peer.writer = None
+            for room in list(self._rooms.values()):
+                if peer.session in room.dsts:
+                    self._run(room, room.peer_dead(peer.session, now, reason))
+            for room in list(self._orphans):
+                if peer.session in room.dsts:
+                    self._run(room, room.peer_dead(peer.session, now, reason))
+
     def _write_done(self, room: SenderRoom, dst: SessionId, ok: bool, reason: str | None) -> None:
         self._run(room, room.write_done(dst, ok, time.monotonic(), reason))
 
@@ -589,6 +636,7 @@ class EncoderEndpoint:
         for room in list(self._rooms.values()):
             if not room.done:
                 self._run(room, room.tick(now))
+        self._check_liveness(now)
         # A request that came before sender(room) waits at most one room timeout.
         ttl = self.room_timeout
         expired = [r for r, reqs in self._early.items() if reqs and now - reqs[0][0] > ttl]

@@ -90,6 +90,9 @@ def route_for(
 class _Encoder:
     address: str
     sock: zmq.Socket[bytes]
+    last_seen: float = field(default_factory=time.monotonic)
+    last_ping: float = 0.0
+    seq: int = 0
 
 
 @dataclass
@@ -177,6 +180,8 @@ class LanguageEndpoint:
         room_timeout: float = 60.0,
         resume_headroom: int | None = None,
         zero_copy: bool = False,
+        heartbeat_interval: float = 2.0,
+        heartbeat_misses: int = 3,
         transport_options: Mapping[str, Mapping[str, str]] | None = None,
         device: str | None = None,
     ) -> None:
@@ -188,6 +193,11 @@ class LanguageEndpoint:
             raise ValueError(f"tp_rank={tp_rank} must be in [0, tp_size={tp_size})")
         if room_timeout <= 0:
             raise ValueError(f"room_timeout must be positive, got {room_timeout}")
+        if heartbeat_interval <= 0 or heartbeat_misses < 1:
+            raise ValueError(
+                f"heartbeat_interval={heartbeat_interval} must be positive and "
+                f"heartbeat_misses={heartbeat_misses} at least 1"
+            )
         if default_tokens > num_blocks * block_size:
             raise ValueError(
                 f"default_tokens={default_tokens} exceeds the pool's {num_blocks * block_size} tokens"
@@ -204,6 +214,9 @@ class LanguageEndpoint:
         self.transport_options = {k: dict(v) for k, v in (transport_options or {}).items()}
         #: return single-chunk results as views into the pool (valid until clear())
         self.zero_copy = zero_copy
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_misses = heartbeat_misses
+        self.dead_encoders = 0
         self.session = f"lang-{tp_rank}-{uuid.uuid4().hex[:16]}"
         self._shared: Any = None
         if "shm" in self.transports:
@@ -226,6 +239,7 @@ class LanguageEndpoint:
             raise ValueError(f"resume_headroom={self.resume_headroom} must be in [0, {num_blocks})")
         self._servers: list[TransportServer] = []
         self._encoders: dict[str, _Encoder] = {}
+        self._by_sock: dict[zmq.Socket[bytes], _Encoder] = {}
         self._sizes: dict[str, tuple[int, int]] = {}  # bootstrap -> encoder (tp, dp)
         self._routes: dict[tuple[str, int, int], tuple[str, int]] = {}
         self._rooms: dict[RoomId, _Live] = {}
@@ -364,6 +378,7 @@ class LanguageEndpoint:
         sock.connect(f"tcp://{address}")
         enc = _Encoder(address, sock)
         self._encoders[address] = enc
+        self._by_sock[sock] = enc
         self._loop.add_socket(sock, self._on_readable)
         sock.send(encode(self._register()))
         return enc
@@ -424,9 +439,16 @@ class LanguageEndpoint:
                 log.warning("language: dropped a bad control message: %s", exc)
                 continue
             now = time.monotonic()
+            enc = self._by_sock.get(sock)
+            if enc is not None:
+                enc.last_seen = now
             if isinstance(msg, Heartbeat):
                 if msg.reply:
                     sock.send(encode(Heartbeat(session=self.session, seq=msg.seq, reply=False)))
+                elif not msg.registered:
+                    # The encoder forgot us (it restarted, or declared us dead
+                    # while we were stalled): introduce ourselves again.
+                    sock.send(encode(self._register()))
                 continue
             if not isinstance(msg, StatusUpdate | Abort):
                 self.dropped_messages += 1
@@ -536,3 +558,30 @@ class LanguageEndpoint:
         for live in list(self._rooms.values()):
             if not live.room.done:
                 self._run(live, live.room.tick(now))
+        self._check_liveness(now)
+
+    def _check_liveness(self, now: float) -> None:
+        """Ping every encoder each ``heartbeat_interval``; one silent for
+        ``heartbeat_interval * heartbeat_misses`` seconds is dead: every room
+        that depends on it fails, its blocks come back (nothing more can land),
+        and the next room for that address connects afresh."""
+        limit = self.heartbeat_interval * self.heartbeat_misses
+        for address, enc in list(self._encoders.items()):
+            if now - enc.last_seen > limit:
+                reason = f"no answer from encoder {address} for {now - enc.last_seen:.1f}s"
+                log.warning("language: %s", reason)
+                self.dead_encoders += 1
+                del self._encoders[address]
+                self._by_sock.pop(enc.sock, None)
+                self._loop.remove_socket(enc.sock)
+                enc.sock.close(0)
+                for live in [*self._rooms.values(), *self._zombies.values()]:
+                    if live.encoder is enc:
+                        self._dequeue(live)
+                        self._run(live, live.room.peer_dead(now, reason))
+                self._zombies = {k: v for k, v in self._zombies.items() if v.encoder is not enc}
+                continue
+            if now - enc.last_ping >= self.heartbeat_interval:
+                enc.last_ping = now
+                enc.seq += 1
+                enc.sock.send(encode(Heartbeat(session=self.session, seq=enc.seq, reply=True)))

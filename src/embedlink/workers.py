@@ -148,6 +148,8 @@ def encoder_worker(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
         dp_size=int(cfg.get("dp_size", 1)),
         room_timeout=float(cfg.get("room_timeout", 60.0)),
         device=cfg.get("device"),
+        heartbeat_interval=float(cfg.get("heartbeat_interval", 2.0)),
+        heartbeat_misses=int(cfg.get("heartbeat_misses", 3)),
     ).start()
     senders: dict[int, Any] = {}
     replies.put(("ready", ep.address))
@@ -236,6 +238,8 @@ def language_worker(cfg: dict[str, Any], jobs: list[tuple[int, int]], out: Any) 
             dp_size=int(cfg.get("dp_size", 1)),
             room_timeout=float(cfg.get("room_timeout", 60.0)),
             device=cfg.get("device"),
+            heartbeat_interval=float(cfg.get("heartbeat_interval", 2.0)),
+            heartbeat_misses=int(cfg.get("heartbeat_misses", 3)),
         ) as ep:
             pending: list[tuple[int, int, Any, float]] = []
             it = iter(jobs)

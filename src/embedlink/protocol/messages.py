@@ -52,7 +52,8 @@ __all__ = [
 #: Wire protocol version. Bump on any incompatible change and record it here.
 #:
 #: Version history:
-#:   1 - initial: Register, TransferRequest, Resume, StatusUpdate, Abort, Heartbeat.
+#:   1 - initial: Register, TransferRequest, Resume, StatusUpdate, Abort, Heartbeat
+#:       (Heartbeat.registered, defaulting to true, was added before any release).
 PROTOCOL_VERSION: Final = 1
 
 #: Largest control message accepted, in bytes.
@@ -165,11 +166,14 @@ class Abort(_Msg, frozen=True, tag="abort"):
 
 
 class Heartbeat(_Msg, frozen=True, tag="heartbeat"):
-    """Either way: liveness. ``reply`` asks the peer to answer with a heartbeat."""
+    """Either way: liveness. ``reply`` asks the peer to answer with a heartbeat.
+    In an answer, ``registered=False`` tells the language side the encoder does
+    not (or no longer) know its session, so it must send ``Register`` again."""
 
     session: SessionT
     seq: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
     reply: bool = True
+    registered: bool = True
 
 
 Message: TypeAlias = Register | TransferRequest | Resume | StatusUpdate | Abort | Heartbeat
