@@ -535,6 +535,7 @@ def plot(rows: Sequence[BenchRow], path: str) -> None:
             label=f"{t} raw limit",
         )
     ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("payload per room (MB)")
     ax.set_ylabel("GB/s end to end")
     ax.set_title("embedlink bench")
