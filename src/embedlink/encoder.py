@@ -12,6 +12,7 @@ copies embeddings into the pool (``send``) and reads statuses (``poll``).
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -82,6 +83,7 @@ class EndpointStats:
     chunks_written: int = 0
     write_failures: int = 0
     dead_sessions: int = 0
+    collected_rooms: int = 0
 
 
 class Sender:
@@ -256,6 +258,7 @@ class EncoderEndpoint:
         device: str | None = None,
         heartbeat_interval: float = 2.0,
         heartbeat_misses: int = 3,
+        room_ttl: float = 600.0,
     ) -> None:
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank={tp_rank} must be in [0, tp_size={tp_size})")
@@ -285,6 +288,9 @@ class EncoderEndpoint:
         self.heartbeat_misses = heartbeat_misses
         # cleared rooms that still have a write in flight (kept for peer death)
         self._orphans: set[SenderRoom] = set()
+        # terminal rooms in the order they ended, collected after room_ttl
+        self.room_ttl = room_ttl
+        self._ended: collections.deque[tuple[float, SenderRoom]] = collections.deque()
         self.transport_options = {k: dict(v) for k, v in (transport_options or {}).items()}
         self.pool = BufferPool(schema, num_blocks, block_size, device=device)
         self.allocator = BlockAllocator(num_blocks)
@@ -574,6 +580,7 @@ class EncoderEndpoint:
                 self._orphans.discard(room)
             elif isinstance(a, StatusChanged):
                 if a.new.is_terminal:
+                    self._ended.append((time.monotonic(), room))
                     ev = self._events.get(room)
                     if ev is not None:
                         ev.set()
@@ -637,6 +644,12 @@ class EncoderEndpoint:
             if not room.done:
                 self._run(room, room.tick(now))
         self._check_liveness(now)
+        # Rooms that ended and were never cleared: forget them after room_ttl.
+        while self._ended and now - self._ended[0][0] > self.room_ttl:
+            _, room = self._ended.popleft()
+            if self._rooms.get(room.room) is room:
+                self.stats.collected_rooms += 1
+                self._clear_room(room)
         # A request that came before sender(room) waits at most one room timeout.
         ttl = self.room_timeout
         expired = [r for r, reqs in self._early.items() if reqs and now - reqs[0][0] > ttl]

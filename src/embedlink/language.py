@@ -182,6 +182,7 @@ class LanguageEndpoint:
         zero_copy: bool = False,
         heartbeat_interval: float = 2.0,
         heartbeat_misses: int = 3,
+        room_ttl: float = 600.0,
         transport_options: Mapping[str, Mapping[str, str]] | None = None,
         device: str | None = None,
     ) -> None:
@@ -217,6 +218,10 @@ class LanguageEndpoint:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
         self.dead_encoders = 0
+        #: terminal rooms never cleared are forgotten (and their blocks freed) after this
+        self.room_ttl = room_ttl
+        self.collected_rooms = 0
+        self._ended: collections.deque[tuple[float, _Live]] = collections.deque()
         self.session = f"lang-{tp_rank}-{uuid.uuid4().hex[:16]}"
         self._shared: Any = None
         if "shm" in self.transports:
@@ -485,6 +490,7 @@ class LanguageEndpoint:
                 freed = True
             elif isinstance(a, StatusChanged):
                 if a.new.is_terminal:
+                    self._ended.append((time.monotonic(), live))
                     live.done.set()
                     self._dequeue(live)
                     if a.new is Status.Failed:
@@ -559,6 +565,11 @@ class LanguageEndpoint:
             if not live.room.done:
                 self._run(live, live.room.tick(now))
         self._check_liveness(now)
+        while self._ended and now - self._ended[0][0] > self.room_ttl:
+            _, live = self._ended.popleft()
+            if self._rooms.get(live.room.room) is live:
+                self.collected_rooms += 1
+                self._clear_room(live)
 
     def _check_liveness(self, now: float) -> None:
         """Ping every encoder each ``heartbeat_interval``; one silent for
