@@ -475,9 +475,10 @@ class EncoderEndpoint:
         peer.last_seen = now
         room = self._rooms.get(msg.room)
         if room is None:
-            if isinstance(msg, TransferRequest):
+            if isinstance(msg, TransferRequest | Abort):
+                # sender(room) may come later: keep it (at most a room timeout)
                 self._early.setdefault(msg.room, []).append((now, identity, msg))
-            else:
+            if not isinstance(msg, TransferRequest):
                 # Unknown room: answer so the peer can release what it holds.
                 self._refuse(
                     identity, msg.room, msg.epoch, f"unknown room {msg.room} on this encoder"
@@ -655,5 +656,6 @@ class EncoderEndpoint:
         expired = [r for r, reqs in self._early.items() if reqs and now - reqs[0][0] > ttl]
         for r in expired:
             for _, identity, msg in self._early.pop(r):
-                assert isinstance(msg, TransferRequest)
+                if not isinstance(msg, TransferRequest):
+                    continue
                 self._refuse(identity, r, msg.epoch, f"no sender for room {r} within {ttl:g}s")

@@ -299,3 +299,28 @@ def test_peer_dead_frees_receiver_blocks_even_mid_write():
     acts = rx.peer_dead(1, "heartbeat missed 3 times")
     assert rx.status is F and "encoder lost" in rx.failure_reason
     assert any(isinstance(a, FreeBlocks) for a in acts)
+
+
+def test_receiver_abort_before_its_request_still_tells_the_encoder():
+    rx = ReceiverRoom(
+        1, session="a", epoch=3, block_size=128, now=0, timeout=10, default_tokens=256
+    )
+    rx.start(0)  # queued: no blocks, no request yet
+    acts = rx.abort(1)
+    assert rx.status is S.Failed
+    assert any(isinstance(a, Send) and isinstance(a.msg, Abort) for a in acts)
+
+
+def test_sender_fails_on_abort_from_a_destination_that_never_requested():
+    tx = SenderRoom(1, schema=SCHEMA, block_size=128, now=0, timeout=10)
+    tx.data_ready(100, [0], 0)
+    acts = tx.peer_abort(Abort(session="late", room=1, epoch=9, reason="gone"), 1)
+    assert tx.status is S.Failed and tx.failure_reason == "aborted by peer: gone"
+    assert any(isinstance(a, FreeBlocks) for a in acts)
+    # once every destination is known, a stranger's abort changes nothing
+    tx2 = SenderRoom(2, schema=SCHEMA, block_size=128, now=0, timeout=10)
+    tx2.request(TransferRequest(session="a", room=2, epoch=1, dst_blocks=[0], dst_tokens=1), 0)
+    assert [
+        type(a) for a in tx2.peer_abort(Abort(session="b", room=2, epoch=1, reason="x"), 1)
+    ] == [Drop]
+    assert tx2.status is S.WaitingForInput

@@ -429,11 +429,22 @@ class SenderRoom(_Room):
         return out
 
     def peer_abort(self, msg: Abort, now: float) -> list[Action]:
-        """A destination gave up; the room fails and the others are told."""
+        """A destination gave up; the room fails and the others are told.
+
+        A destination that gave up before its request arrived is not among
+        ``dsts`` yet; its abort still fails the room while destinations are
+        missing (nobody else could complete it)."""
         out: list[Action] = []
         d = self.dsts.get(msg.session)
-        if d is None or d.epoch != msg.epoch:
-            out.append(Drop(f"room {self.room}: abort for an unknown destination or old epoch"))
+        if d is None:
+            missing = self.required is None or len(self.dsts) < self.required
+            if missing and not self.done:
+                self._fail(f"aborted by peer: {msg.reason}", now, out)
+            else:
+                out.append(Drop(f"room {self.room}: abort from an unknown destination"))
+            return out
+        if d.epoch != msg.epoch:
+            out.append(Drop(f"room {self.room}: abort for an old epoch"))
             return out
         if not self.done:
             self._fail(f"aborted by peer: {msg.reason}", now, out)
@@ -779,12 +790,13 @@ class ReceiverRoom(_Room):
     def _give_up(self, reason: str, now: float, out: list[Action]) -> None:
         self._want = None
         self._move(Status.Failed, now, out, reason)
-        if self._requested:
-            # The encoder acknowledges with a status for this epoch once nothing of
-            # ours is in flight; only then are offered blocks released.
-            out.append(
-                Send(Abort(session=self.session, room=self.room, epoch=self.epoch, reason=reason))
-            )
+        # Tell the encoder even when no request went out yet, so it does not keep
+        # the embedding for a receiver that is gone. It acknowledges with a status
+        # for this epoch once nothing of ours is in flight; only then are offered
+        # blocks released.
+        out.append(
+            Send(Abort(session=self.session, room=self.room, epoch=self.epoch, reason=reason))
+        )
         if not self._offered:
             self._release(out)
 
