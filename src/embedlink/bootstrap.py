@@ -27,6 +27,7 @@ from typing import Annotated, Any
 import msgspec
 from aiohttp import web
 
+from .auth import AUTH_HEADER, Authenticator
 from .protocol import EmbedlinkError
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,13 @@ class BootstrapServer:
     are idempotent and it is a context manager.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8998) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 8998, *, auth_secret: str | bytes | None = None
+    ) -> None:
         self.host = host
+        self._auth = Authenticator(auth_secret)
+        #: registrations refused for a missing or wrong authentication tag
+        self.unauthenticated = 0
         self.port = port
         self._routes: dict[tuple[int, int], RouteInfo] = {}
         self._sizes: tuple[int, int] | None = None
@@ -177,6 +183,9 @@ class BootstrapServer:
 
     async def _put_route(self, request: web.Request) -> web.Response:
         body = await request.read()
+        if not self._auth.verify_header(body, request.headers.get(AUTH_HEADER)):
+            self.unauthenticated += 1
+            return _error(401, f"registration not authenticated (missing or wrong {AUTH_HEADER})")
         try:
             info = msgspec.json.decode(body, type=RouteInfo)
         except msgspec.ValidationError as exc:
@@ -229,19 +238,20 @@ class BootstrapServer:
 class BootstrapClient:
     """Blocking client for a :class:`BootstrapServer` at ``address`` ("host:port")."""
 
-    def __init__(self, address: str, timeout: float = 5.0) -> None:
+    def __init__(
+        self, address: str, timeout: float = 5.0, *, auth_secret: str | bytes | None = None
+    ) -> None:
         if ":" not in address:
             raise ValueError(f"bootstrap address {address!r} must be host:port")
         self.address = address
         self.timeout = timeout
+        self._auth = Authenticator(auth_secret)
 
     def _request(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **(self._auth.header(data) if data else {})}
         req = urllib.request.Request(
-            f"http://{self.address}{path}",
-            data=data,
-            method=method,
-            headers={"Content-Type": "application/json"},
+            f"http://{self.address}{path}", data=data, method=method, headers=headers
         )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:

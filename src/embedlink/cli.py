@@ -361,11 +361,17 @@ def bench(
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8998, show_default=True)
-def bootstrap(host: str, port: int) -> None:
+@click.option(
+    "--auth-secret",
+    envvar="EMBEDLINK_AUTH_SECRET",
+    default=None,
+    help="Require HMAC-authenticated registrations (env: EMBEDLINK_AUTH_SECRET).",
+)
+def bootstrap(host: str, port: int, auth_secret: str | None) -> None:
     """Run a standalone bootstrap server until interrupted."""
     from .bootstrap import BootstrapServer
 
-    server = BootstrapServer(host=host, port=port).start()
+    server = BootstrapServer(host=host, port=port, auth_secret=auth_secret).start()
     click.echo(f"embedlink bootstrap server on http://{server.address} (GET /health)")
     server.serve_forever()
 

@@ -25,6 +25,7 @@ import zmq
 
 from ._host import host_id
 from ._loop import Loop
+from .auth import Authenticator
 from .bootstrap import BootstrapClient, RouteInfo
 from .embedding import Embedding, to_pool_arrays
 from .memory import BlockAllocator, BufferPool
@@ -84,6 +85,7 @@ class EndpointStats:
     write_failures: int = 0
     dead_sessions: int = 0
     collected_rooms: int = 0
+    unauthenticated_messages: int = 0
 
 
 class Sender:
@@ -259,6 +261,7 @@ class EncoderEndpoint:
         heartbeat_interval: float = 2.0,
         heartbeat_misses: int = 3,
         room_ttl: float = 600.0,
+        auth_secret: str | bytes | None = None,
     ) -> None:
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank={tp_rank} must be in [0, tp_size={tp_size})")
@@ -290,6 +293,7 @@ class EncoderEndpoint:
         self._orphans: set[SenderRoom] = set()
         # terminal rooms in the order they ended, collected after room_ttl
         self.room_ttl = room_ttl
+        self._auth = Authenticator(auth_secret)
         self._ended: collections.deque[tuple[float, SenderRoom]] = collections.deque()
         self.transport_options = {k: dict(v) for k, v in (transport_options or {}).items()}
         self.pool = BufferPool(schema, num_blocks, block_size, device=device)
@@ -334,7 +338,7 @@ class EncoderEndpoint:
         self._loop.start()
         self._started = True
         if self.bootstrap:
-            BootstrapClient(self.bootstrap).register(
+            BootstrapClient(self.bootstrap, auth_secret=self._auth.key).register(
                 RouteInfo(
                     role="encoder",
                     tp_size=self.tp_size,
@@ -437,8 +441,12 @@ class EncoderEndpoint:
                 self.stats.dropped_messages += 1
                 continue
             identity, payload = frames
+            opened = self._auth.open(payload)
+            if opened is None:
+                self.stats.unauthenticated_messages += 1
+                continue
             try:
-                msg = decode(payload)
+                msg = decode(opened)
             except RemoteProtocolError as exc:
                 self.stats.dropped_messages += 1
                 log.warning("encoder: dropped a bad control message: %s", exc)
@@ -557,7 +565,7 @@ class EncoderEndpoint:
     def _send_raw(self, identity: bytes, msg: Message) -> None:
         assert self._sock is not None
         try:
-            self._sock.send_multipart([identity, encode(msg)], zmq.NOBLOCK)
+            self._sock.send_multipart([identity, self._auth.seal(encode(msg))], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or queue full
             self.stats.dropped_messages += 1
             log.info("encoder: could not send %s: %s", type(msg).__name__, exc)

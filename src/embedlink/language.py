@@ -34,6 +34,7 @@ import zmq
 
 from ._host import host_id
 from ._loop import Loop
+from .auth import Authenticator
 from .bootstrap import BootstrapClient
 from .embedding import Embedding, from_pool_arrays
 from .memory import BlockAllocator, BufferPool
@@ -183,6 +184,7 @@ class LanguageEndpoint:
         heartbeat_interval: float = 2.0,
         heartbeat_misses: int = 3,
         room_ttl: float = 600.0,
+        auth_secret: str | bytes | None = None,
         transport_options: Mapping[str, Mapping[str, str]] | None = None,
         device: str | None = None,
     ) -> None:
@@ -221,6 +223,8 @@ class LanguageEndpoint:
         #: terminal rooms never cleared are forgotten (and their blocks freed) after this
         self.room_ttl = room_ttl
         self.collected_rooms = 0
+        self._auth = Authenticator(auth_secret)
+        self.unauthenticated_messages = 0
         self._ended: collections.deque[tuple[float, _Live]] = collections.deque()
         self.session = f"lang-{tp_rank}-{uuid.uuid4().hex[:16]}"
         self._shared: Any = None
@@ -358,7 +362,7 @@ class LanguageEndpoint:
     # -- routing
 
     def _route(self, bootstrap: str, room: RoomId, dp_group: int | None) -> tuple[str, int]:
-        client = BootstrapClient(bootstrap)
+        client = BootstrapClient(bootstrap, auth_secret=self._auth.key)
         if bootstrap not in self._sizes:
             self._sizes[bootstrap] = client.sizes()
         enc_tp, enc_dp = self._sizes[bootstrap]
@@ -385,7 +389,7 @@ class LanguageEndpoint:
         self._encoders[address] = enc
         self._by_sock[sock] = enc
         self._loop.add_socket(sock, self._on_readable)
-        sock.send(encode(self._register()))
+        sock.send(self._auth.seal(encode(self._register())))
         return enc
 
     def _register(self) -> Register:
@@ -437,8 +441,12 @@ class LanguageEndpoint:
                 payload = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            opened = self._auth.open(payload)
+            if opened is None:
+                self.unauthenticated_messages += 1
+                continue
             try:
-                msg = decode(payload)
+                msg = decode(opened)
             except RemoteProtocolError as exc:
                 self.dropped_messages += 1
                 log.warning("language: dropped a bad control message: %s", exc)
@@ -449,11 +457,15 @@ class LanguageEndpoint:
                 enc.last_seen = now
             if isinstance(msg, Heartbeat):
                 if msg.reply:
-                    sock.send(encode(Heartbeat(session=self.session, seq=msg.seq, reply=False)))
+                    sock.send(
+                        self._auth.seal(
+                            encode(Heartbeat(session=self.session, seq=msg.seq, reply=False))
+                        )
+                    )
                 elif not msg.registered:
                     # The encoder forgot us (it restarted, or declared us dead
                     # while we were stalled): introduce ourselves again.
-                    sock.send(encode(self._register()))
+                    sock.send(self._auth.seal(encode(self._register())))
                 continue
             if not isinstance(msg, StatusUpdate | Abort):
                 self.dropped_messages += 1
@@ -478,7 +490,7 @@ class LanguageEndpoint:
         for a in actions:
             if isinstance(a, Send):
                 if live.encoder is not None:
-                    live.encoder.sock.send(encode(a.msg))
+                    live.encoder.sock.send(self._auth.seal(encode(a.msg)))
             elif isinstance(a, Reserve):
                 self._reserve(live, a.tokens)
             elif isinstance(a, Harvest):
@@ -595,4 +607,8 @@ class LanguageEndpoint:
             if now - enc.last_ping >= self.heartbeat_interval:
                 enc.last_ping = now
                 enc.seq += 1
-                enc.sock.send(encode(Heartbeat(session=self.session, seq=enc.seq, reply=True)))
+                enc.sock.send(
+                    self._auth.seal(
+                        encode(Heartbeat(session=self.session, seq=enc.seq, reply=True))
+                    )
+                )

@@ -150,6 +150,7 @@ def encoder_worker(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
         device=cfg.get("device"),
         heartbeat_interval=float(cfg.get("heartbeat_interval", 2.0)),
         heartbeat_misses=int(cfg.get("heartbeat_misses", 3)),
+        auth_secret=cfg.get("auth_secret"),
     ).start()
     senders: dict[int, Any] = {}
     replies.put(("ready", ep.address))
@@ -240,6 +241,7 @@ def language_worker(cfg: dict[str, Any], jobs: list[tuple[int, int]], out: Any) 
             device=cfg.get("device"),
             heartbeat_interval=float(cfg.get("heartbeat_interval", 2.0)),
             heartbeat_misses=int(cfg.get("heartbeat_misses", 3)),
+            auth_secret=cfg.get("auth_secret"),
         ) as ep:
             pending: list[tuple[int, int, Any, float]] = []
             it = iter(jobs)

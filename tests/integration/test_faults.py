@@ -100,3 +100,30 @@ def test_encoder_killed_or_hung_fails_its_rooms(boot, spawn_encoder, transport, 
         finally:
             if how == signal.SIGSTOP:
                 os.kill(enc.proc.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_bootstrap_server_stopped_mid_traffic(spawn_encoder, transport):
+    from embedlink import BootstrapError, BootstrapServer
+
+    boot = BootstrapServer(host="127.0.0.1", port=0).start()
+    enc = spawn_encoder(
+        bootstrap=boot.address, hidden_size=HIDDEN, num_blocks=64, transports=(transport,), **HB
+    )
+    with LanguageEndpoint(SCHEMA, num_blocks=16, transports=(transport,), **HB) as lang:
+        first = lang.receiver(bootstrap=boot.address, room=1)  # route looked up and cached
+        in_flight = lang.receiver(bootstrap=boot.address, room=2)
+        enc.call("send", 1, 900)
+        assert same_embedding(first.wait(timeout=30), make_embedding(SCHEMA, 900, 0, 1))
+        boot.close()
+        # rooms already routed carry on without it
+        enc.call("send", 2, 3000)
+        assert same_embedding(in_flight.wait(timeout=30), make_embedding(SCHEMA, 3000, 0, 2))
+        later = lang.receiver(bootstrap=boot.address, room=3)  # cached route: still fine
+        enc.call("send", 3, 10)
+        assert same_embedding(later.wait(timeout=30), make_embedding(SCHEMA, 10, 0, 3))
+        # an endpoint that never looked the route up gets a clear error, not a hang
+        with LanguageEndpoint(SCHEMA, num_blocks=16, transports=(transport,)) as fresh:
+            with pytest.raises(BootstrapError, match="unreachable"):
+                fresh.receiver(bootstrap=boot.address, room=4)
+        assert lang.allocator.wait_all_free(10)
