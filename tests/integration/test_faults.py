@@ -123,7 +123,9 @@ def test_bootstrap_server_stopped_mid_traffic(spawn_encoder, transport):
         enc.call("send", 3, 10)
         assert same_embedding(later.wait(timeout=30), make_embedding(SCHEMA, 10, 0, 3))
         # an endpoint that never looked the route up gets a clear error, not a hang
-        with LanguageEndpoint(SCHEMA, num_blocks=16, transports=(transport,)) as fresh:
-            with pytest.raises(BootstrapError, match="unreachable"):
-                fresh.receiver(bootstrap=boot.address, room=4)
+        with (
+            LanguageEndpoint(SCHEMA, num_blocks=16, transports=(transport,)) as fresh,
+            pytest.raises(BootstrapError, match="unreachable"),
+        ):
+            fresh.receiver(bootstrap=boot.address, room=4)
         assert lang.allocator.wait_all_free(10)
