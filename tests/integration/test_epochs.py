@@ -1,0 +1,122 @@
+"""Against a hand-driven encoder: input for an old epoch (a reused room id) is
+refused and counted, and blocks an encoder may still be writing into are not
+freed on abort until it acknowledges."""
+
+import time
+
+import pytest
+import zmq
+
+from embedlink import BufferSchema, LanguageEndpoint, Status
+from embedlink.protocol import Abort, StatusUpdate, TransferRequest, decode, encode
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+SCHEMA = BufferSchema(hidden_size=16)
+
+
+@pytest.fixture
+def fake_encoder():
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.RCVTIMEO, 10_000)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    yield router, f"127.0.0.1:{port}"
+    router.close()
+    ctx.term()
+
+
+def _next(router, kind):
+    while True:
+        identity, payload = router.recv_multipart()
+        msg = decode(payload)
+        if isinstance(msg, kind):
+            return identity, msg
+
+
+def _wait(cond, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_status_for_an_old_epoch_is_refused_and_counted(fake_encoder):
+    router, address = fake_encoder
+    with LanguageEndpoint(SCHEMA, num_blocks=16, transports=("tcp",)) as lang:
+        old = lang.receiver(encoder=address, room=5)
+        identity, req_old = _next(router, TransferRequest)
+        old.abort()
+        _next(router, Abort)
+        router.send_multipart(
+            [
+                identity,
+                encode(
+                    StatusUpdate(
+                        room=5,
+                        epoch=req_old.epoch,
+                        status=Status.Failed,
+                        sent_tokens=0,
+                        total_tokens=0,
+                        reason="ack",
+                    )
+                ),
+            ]
+        )
+        _wait(lambda: lang.allocator.num_used == 0)
+        old.clear()
+        _wait(lambda: lang.room_count() == 0)
+        new = lang.receiver(encoder=address, room=5)  # the id is reused
+        _, req_new = _next(router, TransferRequest)
+        assert req_new.epoch != req_old.epoch
+        before = lang.ignored_inputs
+        # a late chunk report for the old reservation must not touch the new one
+        router.send_multipart(
+            [
+                identity,
+                encode(
+                    StatusUpdate(
+                        room=5,
+                        epoch=req_old.epoch,
+                        status=Status.Success,
+                        sent_tokens=10,
+                        total_tokens=10,
+                    )
+                ),
+            ]
+        )
+        _wait(lambda: lang.ignored_inputs > before)
+        assert new.poll() is Status.WaitingForInput
+        assert new.history[-1] == (Status.WaitingForInput, 0)
+
+
+def test_abort_keeps_blocks_a_write_may_still_land_in_until_acknowledged(fake_encoder):
+    router, address = fake_encoder
+    with LanguageEndpoint(
+        SCHEMA, num_blocks=16, block_size=128, default_tokens=512, transports=("tcp",)
+    ) as lang:
+        rx = lang.receiver(encoder=address, room=9)
+        identity, req = _next(router, TransferRequest)
+        assert lang.allocator.num_used == 4
+        rx.abort()
+        _next(router, Abort)
+        assert rx.poll() is Status.Failed
+        time.sleep(0.3)  # the encoder has not answered: its write may still be landing
+        assert lang.allocator.num_used == 4
+        router.send_multipart(
+            [
+                identity,
+                encode(
+                    StatusUpdate(
+                        room=9,
+                        epoch=req.epoch,
+                        status=Status.Failed,
+                        sent_tokens=0,
+                        total_tokens=0,
+                        reason="aborted by peer",
+                    )
+                ),
+            ]
+        )
+        _wait(lambda: lang.allocator.num_used == 0)
+        assert rx.failure_reason == "aborted by receiver"
