@@ -22,7 +22,7 @@ import zmq
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Loop"]
+__all__ = ["Loop", "check_endpoint_knobs"]
 
 SocketHandler = Callable[[zmq.Socket[bytes]], None]
 
@@ -166,3 +166,23 @@ class Loop:
         except Exception:
             self.errors += 1
             log.exception("%s: error in %s", self.name, getattr(fn, "__name__", fn))
+
+
+def check_endpoint_knobs(
+    *,
+    tp_rank: int,
+    tp_size: int,
+    room_timeout: float,
+    heartbeat_interval: float,
+    heartbeat_misses: int,
+) -> None:
+    """The checks both endpoints make at construction: ValueError naming the setting."""
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank={tp_rank} must be in [0, tp_size={tp_size})")
+    if room_timeout <= 0:
+        raise ValueError(f"room_timeout must be positive, got {room_timeout}")
+    if heartbeat_interval <= 0 or heartbeat_misses < 1:
+        raise ValueError(
+            f"heartbeat_interval={heartbeat_interval} must be positive and "
+            f"heartbeat_misses={heartbeat_misses} at least 1"
+        )

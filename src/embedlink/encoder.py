@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 
 from ._host import host_id
-from ._loop import Loop
+from ._loop import Loop, check_endpoint_knobs
 from .auth import Authenticator
 from .bootstrap import BootstrapClient, RouteInfo
 from .embedding import Embedding, to_pool_arrays
@@ -263,17 +263,15 @@ class EncoderEndpoint:
         room_ttl: float = 600.0,
         auth_secret: str | bytes | None = None,
     ) -> None:
-        if not 0 <= tp_rank < tp_size:
-            raise ValueError(f"tp_rank={tp_rank} must be in [0, tp_size={tp_size})")
+        check_endpoint_knobs(
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            room_timeout=room_timeout,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_misses=heartbeat_misses,
+        )
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
-        if room_timeout <= 0:
-            raise ValueError(f"room_timeout must be positive, got {room_timeout}")
-        if heartbeat_interval <= 0 or heartbeat_misses < 1:
-            raise ValueError(
-                f"heartbeat_interval={heartbeat_interval} must be positive and "
-                f"heartbeat_misses={heartbeat_misses} at least 1"
-            )
         for t in transports:
             get_backend(t)  # unknown names fail here, at construction
         self.schema = schema

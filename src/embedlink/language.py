@@ -33,7 +33,7 @@ import numpy as np
 import zmq
 
 from ._host import host_id
-from ._loop import Loop
+from ._loop import Loop, check_endpoint_knobs
 from .auth import Authenticator
 from .bootstrap import BootstrapClient
 from .embedding import Embedding, from_pool_arrays
@@ -192,15 +192,13 @@ class LanguageEndpoint:
             raise ValueError("offer at least one transport")
         if default_tokens <= 0:
             raise ValueError(f"default_tokens must be positive, got {default_tokens}")
-        if not 0 <= tp_rank < tp_size:
-            raise ValueError(f"tp_rank={tp_rank} must be in [0, tp_size={tp_size})")
-        if room_timeout <= 0:
-            raise ValueError(f"room_timeout must be positive, got {room_timeout}")
-        if heartbeat_interval <= 0 or heartbeat_misses < 1:
-            raise ValueError(
-                f"heartbeat_interval={heartbeat_interval} must be positive and "
-                f"heartbeat_misses={heartbeat_misses} at least 1"
-            )
+        check_endpoint_knobs(
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            room_timeout=room_timeout,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_misses=heartbeat_misses,
+        )
         if default_tokens > num_blocks * block_size:
             raise ValueError(
                 f"default_tokens={default_tokens} exceeds the pool's {num_blocks * block_size} tokens"

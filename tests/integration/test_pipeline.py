@@ -401,3 +401,19 @@ def test_buffer_errors_and_abort_returns_blocks(boot):
         tx.abort()
         assert enc.allocator.num_used == 0
         assert tx.wait(5) is S.Failed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"room_timeout": 0}, "room_timeout"),
+        ({"heartbeat_interval": 0}, "heartbeat_interval"),
+        ({"heartbeat_misses": 0}, "heartbeat_misses"),
+        ({"tp_rank": 2, "tp_size": 2}, "tp_rank"),
+        ({"transports": ("pigeon",)}, "pigeon"),
+    ],
+)
+def test_bad_endpoint_settings_fail_at_construction_naming_them(kwargs, name):
+    for cls in (EncoderEndpoint, LanguageEndpoint):
+        with pytest.raises(ValueError, match=name):
+            cls(SCHEMA, num_blocks=16, **kwargs)
