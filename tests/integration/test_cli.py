@@ -52,3 +52,47 @@ def test_cli_demo_rejects_bad_flags():
     )
     assert p.returncode != 0
     assert "min-tokens" in p.stdout + p.stderr
+
+
+def test_cli_bench_quick_json_and_plot(tmp_path):
+    png = tmp_path / "bench.png"
+    p = run(
+        sys.executable,
+        "-m",
+        "embedlink.cli",
+        "bench",
+        "--quick",
+        "--json",
+        "--rooms",
+        "12",
+        "--hidden-size",
+        "256",
+        "--plot",
+        str(png),
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    import json
+
+    rows = json.loads(p.stdout)
+    assert {(r["transport"], r["tokens"], r["mode"]) for r in rows} == {
+        (t, n, m)
+        for t in ("shm", "tcp", "mooncake")
+        for n in (64, 2000)
+        for m in ("exact", "resume")
+    }
+    for r in rows:
+        for key in (
+            "transport",
+            "tokens",
+            "mode",
+            "gbps",
+            "raw_gbps",
+            "ratio_to_raw",
+            "rooms_per_s",
+            "p50_ms",
+            "p99_ms",
+        ):
+            assert key in r
+        assert r["verified"] and r["gbps"] > 0 and r["raw_gbps"] > 0
+    assert png.stat().st_size > 10_000
