@@ -98,26 +98,38 @@ class _Engine:
         self.host = host
         self.protocol = protocol
         self.session = f"{host}:{self.engine.get_rpc_port()}"
-        self._registered: dict[int, int] = {}
+        self._registered: dict[int, tuple[int, int]] = {}  # addr -> (nbytes, users)
         self._lock = threading.Lock()
 
     def register(self, addr: int, nbytes: int) -> None:
+        """Register ``[addr, addr + nbytes)`` once; counted, so each user
+        releases its own registration with :meth:`unregister`."""
         with self._lock:
-            if self._registered.get(addr, -1) >= nbytes:
+            held = self._registered.get(addr)
+            if held is not None and held[0] >= nbytes:
+                self._registered[addr] = (held[0], held[1] + 1)
                 return
+            if held is not None:  # grew: register again at the new size
+                self.engine.batch_unregister_memory([addr])
             rc = self.engine.batch_register_memory([addr], [nbytes])
             if rc != 0:
                 raise TransportError(
                     f"mooncake: batch_register_memory({addr:#x}, {nbytes}) returned {rc}"
                 )
-            self._registered[addr] = nbytes
+            self._registered[addr] = (nbytes, (held[1] if held else 0) + 1)
 
     def unregister(self, addr: int) -> None:
         with self._lock:
-            if self._registered.pop(addr, None) is not None:
-                rc = self.engine.batch_unregister_memory([addr])
-                if rc != 0:
-                    log.warning("mooncake: batch_unregister_memory(%#x) returned %d", addr, rc)
+            held = self._registered.get(addr)
+            if held is None:
+                return
+            if held[1] > 1:
+                self._registered[addr] = (held[0], held[1] - 1)
+                return
+            del self._registered[addr]
+            rc = self.engine.batch_unregister_memory([addr])
+            if rc != 0:
+                log.warning("mooncake: batch_unregister_memory(%#x) returned %d", addr, rc)
 
 
 _ENGINES: dict[tuple[str, str, str], _Engine] = {}
@@ -185,10 +197,24 @@ class MooncakeWriter(PeerWriter):
         self.session = session
         self.addrs = addrs
         self.regions = regions
+        self._sources: set[int] = set()  # source pools this writer registered
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Release the registrations of the source pools this writer used (a
+        stale registration would overlap the next pool at the same address)."""
+        with self._lock:
+            sources, self._sources = self._sources, set()
+        for addr in sources:
+            self.engine.unregister(addr)
 
     def write(self, copies: Sequence[Copy], src: BufferPool, timeout: float) -> None:
         check_bounds(copies, self.regions, src)
-        self.engine.register(src.base_addr, src.nbytes)
+        if src.base_addr not in self._sources:
+            with self._lock:
+                if src.base_addr not in self._sources:
+                    self.engine.register(src.base_addr, src.nbytes)
+                    self._sources.add(src.base_addr)
         srcs = [src.region(c.field)[0] + c.src_offset for c in copies]
         dsts = [self.addrs[c.field] + c.dst_offset for c in copies]
         lens = [c.length for c in copies]
