@@ -4,8 +4,7 @@ It carries out the core's actions against real :class:`BufferPool` memory
 (copies are real byte copies) but moves control messages through a list that
 the caller drives, so a test can deliver, drop, duplicate and reorder them
 (after h11's ``ConnectionPair``). No threads, sockets or clocks: time is a
-number the caller advances. Used by the property tests and by the offline
-part of ``embedlink demo``.
+number the caller advances. Used by the unit and property tests.
 """
 
 from __future__ import annotations
