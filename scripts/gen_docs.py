@@ -1,0 +1,13 @@
+#!/usr/bin/env python3
+"""Regenerate docs/protocol.md from the code (tests fail when it is stale)."""
+
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from embedlink._docs import render_protocol_md  # noqa: E402
+
+(ROOT / "docs" / "protocol.md").write_text(render_protocol_md())
+print("wrote docs/protocol.md")
