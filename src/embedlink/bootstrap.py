@@ -26,8 +26,10 @@ from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .auth import AUTH_HEADER, Authenticator
+from .metrics import render
 from .protocol import EmbedlinkError
 
 log = logging.getLogger(__name__)
@@ -62,17 +64,29 @@ def _error(status: int, message: str) -> web.Response:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_SERVER: web.AppKey[Any] = web.AppKey("embedlink_server", object)
 
 
 @web.middleware
 async def _no_500(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        return await handler(request)
-    except web.HTTPException:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        _count(request, exc.status)
         raise
     except Exception as exc:  # a client must never see a 500
         log.warning("bootstrap: %s %s failed: %r", request.method, request.path, exc)
+        _count(request, 400)
         return _error(400, f"bad request: {exc}")
+    _count(request, response.status)
+    return response
+
+
+def _count(request: web.Request, status: int) -> None:
+    server = request.app.get(_SERVER)
+    if server is not None:
+        route = request.path if request.path in ("/route", "/health", "/metrics") else "other"
+        server._requests.labels(route, str(status)).inc()
 
 
 class BootstrapServer:
@@ -90,6 +104,16 @@ class BootstrapServer:
         self._auth = Authenticator(auth_secret)
         #: registrations refused for a missing or wrong authentication tag
         self.unauthenticated = 0
+        self.registry = CollectorRegistry()
+        self._requests = Counter(
+            "embedlink_bootstrap_requests",
+            "Bootstrap requests by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        Gauge(
+            "embedlink_bootstrap_ranks", "Encoder ranks registered", registry=self.registry
+        ).set_function(lambda: len(self._routes))
         self.port = port
         self._routes: dict[tuple[int, int], RouteInfo] = {}
         self._sizes: tuple[int, int] | None = None
@@ -164,6 +188,8 @@ class BootstrapServer:
 
     async def _setup(self) -> None:
         app = web.Application(middlewares=[_no_500], client_max_size=64 * 1024)
+        app[_SERVER] = self
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_put("/route", self._put_route)
         app.router.add_get("/route", self._get_route)
         app.router.add_get("/health", self._health)
@@ -177,6 +203,9 @@ class BootstrapServer:
         self.port = int(sockets[0].getsockname()[1])
 
     # -- handlers
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=render(self.registry), content_type="text/plain", charset="utf-8")
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "ranks": len(self._routes)})

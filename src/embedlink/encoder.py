@@ -29,6 +29,7 @@ from .auth import Authenticator
 from .bootstrap import BootstrapClient, RouteInfo
 from .embedding import Embedding, to_pool_arrays
 from .memory import BlockAllocator, BufferPool
+from .metrics import EndpointMetrics, MetricsExporter
 from .protocol import (
     AUX_FIELD,
     Abort,
@@ -262,6 +263,7 @@ class EncoderEndpoint:
         heartbeat_misses: int = 3,
         room_ttl: float = 600.0,
         auth_secret: str | bytes | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         check_endpoint_knobs(
             tp_rank=tp_rank,
@@ -292,6 +294,12 @@ class EncoderEndpoint:
         # terminal rooms in the order they ended, collected after room_ttl
         self.room_ttl = room_ttl
         self._auth = Authenticator(auth_secret)
+        self.metrics = EndpointMetrics(
+            "encoder", lambda: self.allocator.num_free, lambda: self.allocator.num_used
+        )
+        self.metrics_port = metrics_port
+        self._exporter: MetricsExporter | None = None
+        self._created: dict[SenderRoom, float] = {}
         self._ended: collections.deque[tuple[float, SenderRoom]] = collections.deque()
         self.transport_options = {k: dict(v) for k, v in (transport_options or {}).items()}
         self.pool = BufferPool(schema, num_blocks, block_size, device=device)
@@ -335,6 +343,8 @@ class EncoderEndpoint:
         self._loop.add_socket(sock, self._on_readable)
         self._loop.start()
         self._started = True
+        if self.metrics_port is not None:
+            self._exporter = MetricsExporter(self.metrics.registry, self.host, self.metrics_port)
         if self.bootstrap:
             BootstrapClient(self.bootstrap, auth_secret=self._auth.key).register(
                 RouteInfo(
@@ -358,6 +368,8 @@ class EncoderEndpoint:
         if self._started:
             self._loop.stop()
         self._workers.shutdown(wait=True, cancel_futures=True)
+        if self._exporter is not None:
+            self._exporter.close()
         for p in self._peers.values():
             if p.writer is not None:
                 p.writer.close()
@@ -393,6 +405,7 @@ class EncoderEndpoint:
                 raise ValueError(f"room {room} is still live on this encoder; clear() it first")
             self._rooms[room] = r
             self._events[r] = threading.Event()
+            self._created[r] = time.monotonic()
         self._loop.call(self._adopt_early, r)
         return Sender(self, r)
 
@@ -426,6 +439,7 @@ class EncoderEndpoint:
             if self._rooms.get(room.room) is room:
                 del self._rooms[room.room]
                 self._events.pop(room, None)
+                self._created.pop(room, None)
         if not room.src_freed:
             self._orphans.add(room)  # a write is still in flight; its blocks come back later
 
@@ -442,11 +456,13 @@ class EncoderEndpoint:
             opened = self._auth.open(payload)
             if opened is None:
                 self.stats.unauthenticated_messages += 1
+                self.metrics.unauthenticated.labels("encoder").inc()
                 continue
             try:
                 msg = decode(opened)
             except RemoteProtocolError as exc:
                 self.stats.dropped_messages += 1
+                self.metrics.dropped.labels("encoder").inc()
                 log.warning("encoder: dropped a bad control message: %s", exc)
                 continue
             self._dispatch(identity, msg)
@@ -586,8 +602,12 @@ class EncoderEndpoint:
                 self.allocator.free(a.blocks)
                 self._orphans.discard(room)
             elif isinstance(a, StatusChanged):
+                if a.new is Status.Transferring:
+                    self.metrics.resumes.labels("encoder").inc()
                 if a.new.is_terminal:
-                    self._ended.append((time.monotonic(), room))
+                    now = time.monotonic()
+                    self.metrics.ended(a.new.name, now - self._created.pop(room, now))
+                    self._ended.append((now, room))
                     ev = self._events.get(room)
                     if ev is not None:
                         ev.set()
@@ -595,6 +615,7 @@ class EncoderEndpoint:
                         log.info("encoder: room %d failed: %s", room.room, a.reason)
             elif isinstance(a, Drop):
                 self.stats.ignored_inputs += 1
+                self.metrics.ignored.labels("encoder").inc()
                 log.debug("encoder: %s", a.reason)
 
     def _write(self, room: SenderRoom, w: WriteChunk, inline: bool = False) -> None:
@@ -602,6 +623,7 @@ class EncoderEndpoint:
         i.e. already on the loop thread)."""
         peer = self._peers.get(w.dst)
         ok, reason = True, None
+        t0 = time.perf_counter()
         if peer is None or peer.writer is None:
             ok, reason = False, f"no data-plane connection to {w.dst}"
         else:
@@ -614,6 +636,8 @@ class EncoderEndpoint:
         if ok:
             self.stats.bytes_written += w.plan.nbytes
             self.stats.chunks_written += 1
+            transport = peer.transport if peer is not None and peer.transport else "?"
+            self.metrics.moved(transport, "sent", w.plan.nbytes, time.perf_counter() - t0)
         else:
             self.stats.write_failures += 1
         if inline:
@@ -632,6 +656,7 @@ class EncoderEndpoint:
             reason = f"no heartbeat from {peer.session} for {now - peer.last_seen:.1f}s"
             peer.refused = f"session declared dead ({reason}); register again"
             self.stats.dead_sessions += 1
+            self.metrics.dead_peers.labels("encoder").inc()
             log.warning("encoder: %s", peer.refused)
             if peer.writer is not None:
                 peer.writer.close()

@@ -38,6 +38,7 @@ from .auth import Authenticator
 from .bootstrap import BootstrapClient
 from .embedding import Embedding, from_pool_arrays
 from .memory import BlockAllocator, BufferPool
+from .metrics import EndpointMetrics, MetricsExporter
 from .protocol import (
     AUX_FIELD,
     Abort,
@@ -101,6 +102,7 @@ class _Live:
     room: ReceiverRoom
     encoder: _Encoder | None
     done: threading.Event = field(default_factory=threading.Event)
+    created: float = field(default_factory=time.monotonic)
     result: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
     aux: Any = None
     queued: bool = False  # waiting in the reservation queue
@@ -185,6 +187,7 @@ class LanguageEndpoint:
         heartbeat_misses: int = 3,
         room_ttl: float = 600.0,
         auth_secret: str | bytes | None = None,
+        metrics_port: int | None = None,
         transport_options: Mapping[str, Mapping[str, str]] | None = None,
         device: str | None = None,
     ) -> None:
@@ -223,8 +226,14 @@ class LanguageEndpoint:
         self.collected_rooms = 0
         self._auth = Authenticator(auth_secret)
         self.unauthenticated_messages = 0
+        self.metrics = EndpointMetrics(
+            "language", lambda: self.allocator.num_free, lambda: self.allocator.num_used
+        )
+        self.metrics_port = metrics_port
+        self._exporter: MetricsExporter | None = None
         self._ended: collections.deque[tuple[float, _Live]] = collections.deque()
         self.session = f"lang-{tp_rank}-{uuid.uuid4().hex[:16]}"
+        self._token_bytes = schema.token_bytes
         self._shared: Any = None
         if "shm" in self.transports:
             from .transports.shm import create_shared_pool
@@ -273,6 +282,8 @@ class LanguageEndpoint:
         self._ctx = zmq.Context()
         self._loop.start()
         self._started = True
+        if self.metrics_port is not None:
+            self._exporter = MetricsExporter(self.metrics.registry, self.host, self.metrics_port)
         return self
 
     def close(self) -> None:
@@ -288,6 +299,8 @@ class LanguageEndpoint:
             self._ctx.term()
         for s in self._servers:
             s.close()
+        if self._exporter is not None:
+            self._exporter.close()
         if self._shared is not None:
             self._shared.close()
 
@@ -442,11 +455,13 @@ class LanguageEndpoint:
             opened = self._auth.open(payload)
             if opened is None:
                 self.unauthenticated_messages += 1
+                self.metrics.unauthenticated.labels("language").inc()
                 continue
             try:
                 msg = decode(opened)
             except RemoteProtocolError as exc:
                 self.dropped_messages += 1
+                self.metrics.dropped.labels("language").inc()
                 log.warning("language: dropped a bad control message: %s", exc)
                 continue
             now = time.monotonic()
@@ -499,14 +514,19 @@ class LanguageEndpoint:
                 self.allocator.free(a.blocks)
                 freed = True
             elif isinstance(a, StatusChanged):
+                if a.new is Status.Transferring:
+                    self.metrics.resumes.labels("language").inc()
                 if a.new.is_terminal:
-                    self._ended.append((time.monotonic(), live))
+                    now = time.monotonic()
+                    self.metrics.ended(a.new.name, now - live.created)
+                    self._ended.append((now, live))
                     live.done.set()
                     self._dequeue(live)
                     if a.new is Status.Failed:
                         log.info("language: room %d failed: %s", live.room.room, a.reason)
             elif isinstance(a, Drop):
                 self.ignored_inputs += 1
+                self.metrics.ignored.labels("language").inc()
                 log.debug("language: %s", a.reason)
         if freed:
             self._retry_reservations()
@@ -548,6 +568,7 @@ class LanguageEndpoint:
                     return
 
     def _harvest(self, live: _Live, h: Harvest) -> None:
+        self.metrics.moved("all", "received", h.count * self._token_bytes)
         if (
             self.zero_copy
             and h.first
@@ -592,6 +613,7 @@ class LanguageEndpoint:
                 reason = f"no answer from encoder {address} for {now - enc.last_seen:.1f}s"
                 log.warning("language: %s", reason)
                 self.dead_encoders += 1
+                self.metrics.dead_peers.labels("language").inc()
                 del self._encoders[address]
                 self._by_sock.pop(enc.sock, None)
                 self._loop.remove_socket(enc.sock)

@@ -1,0 +1,126 @@
+"""Prometheus metrics for endpoints and the bootstrap server.
+
+Each endpoint and server has its own registry (several can live in one
+process), served over HTTP: ``metrics_port=`` on an endpoint starts an
+exporter (port 0 picks a free one; :attr:`MetricsExporter.port` tells which);
+the bootstrap server serves ``GET /metrics`` itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import start_http_server
+
+__all__ = ["EndpointMetrics", "MetricsExporter", "render"]
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
+
+
+class EndpointMetrics:
+    """The metrics of one endpoint (``side`` is ``encoder`` or ``language``)."""
+
+    def __init__(
+        self, side: str, free_blocks: Callable[[], float], used_blocks: Callable[[], float]
+    ) -> None:
+        self.side = side
+        r = self.registry = CollectorRegistry()
+        self.rooms = Counter(
+            "embedlink_rooms", "Rooms that ended, by final status", ["side", "status"], registry=r
+        )
+        self.resumes = Counter(
+            "embedlink_resumes", "Partial chunks followed by a resume", ["side"], registry=r
+        )
+        self.bytes = Counter(
+            "embedlink_bytes", "Payload bytes moved", ["side", "transport", "direction"], registry=r
+        )
+        self.chunk_seconds = Histogram(
+            "embedlink_chunk_seconds",
+            "Data-plane write of one chunk",
+            ["side", "transport"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.room_seconds = Histogram(
+            "embedlink_room_seconds",
+            "Room creation to its final status",
+            ["side", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.dropped = Counter(
+            "embedlink_dropped_messages",
+            "Control messages dropped as malformed",
+            ["side"],
+            registry=r,
+        )
+        self.ignored = Counter(
+            "embedlink_ignored_inputs",
+            "Inputs ignored (old epoch, duplicate, late)",
+            ["side"],
+            registry=r,
+        )
+        self.unauthenticated = Counter(
+            "embedlink_unauthenticated_messages",
+            "Control messages rejected by authentication",
+            ["side"],
+            registry=r,
+        )
+        self.dead_peers = Counter(
+            "embedlink_heartbeat_dead_peers",
+            "Peers declared dead after missed heartbeats",
+            ["side"],
+            registry=r,
+        )
+        pool = Gauge("embedlink_pool_blocks", "Pool blocks by state", ["side", "state"], registry=r)
+        pool.labels(side, "free").set_function(free_blocks)
+        pool.labels(side, "used").set_function(used_blocks)
+
+    def ended(self, status: str, seconds: float) -> None:
+        self.rooms.labels(self.side, status).inc()
+        self.room_seconds.labels(self.side, status).observe(seconds)
+
+    def moved(
+        self, transport: str, direction: str, nbytes: int, seconds: float | None = None
+    ) -> None:
+        self.bytes.labels(self.side, transport, direction).inc(nbytes)
+        if seconds is not None:
+            self.chunk_seconds.labels(self.side, transport).observe(seconds)
+
+
+class MetricsExporter:
+    """An HTTP exporter of one registry on ``host:port`` (port 0: a free one)."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self._server: Any
+        self._thread: threading.Thread
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.port = int(self._server.server_address[1])
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The registry in Prometheus text format."""
+    return generate_latest(registry)

@@ -1,0 +1,83 @@
+"""Prometheus metrics: scrape live endpoints and the bootstrap server over
+HTTP and check that the counters move."""
+
+import re
+import urllib.request
+
+import pytest
+
+from embedlink import BufferSchema, EncoderEndpoint, LanguageEndpoint
+from embedlink.workers import make_embedding, same_embedding
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+SCHEMA = BufferSchema(hidden_size=32)
+
+
+def scrape(url):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
+
+
+def value(text, name, **labels):
+    sel = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pat = re.compile(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", re.M)
+    for found, v in pat.findall(text):
+        got = dict(kv.split("=", 1) for kv in found.split(",")) if found else {}
+        if all(got.get(k) == f'"{w}"' for k, w in labels.items()):
+            return float(v)
+    raise AssertionError(f"{name}{{{sel}}} not in the scrape")
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_metrics_move_on_endpoints_and_bootstrap(boot, transport):
+    with (
+        EncoderEndpoint(
+            SCHEMA, bootstrap=boot.address, num_blocks=64, transports=(transport,), metrics_port=0
+        ) as enc,
+        LanguageEndpoint(SCHEMA, num_blocks=64, transports=(transport,), metrics_port=0) as lang,
+    ):
+        e_url = f"http://127.0.0.1:{enc._exporter.port}/metrics"
+        l_url = f"http://127.0.0.1:{lang._exporter.port}/metrics"
+        before = scrape(e_url)
+        assert value(before, "embedlink_pool_blocks", side="encoder", state="free") == 64
+        rx = lang.receiver(bootstrap=boot.address, room=1)
+        enc.sender(1).send(make_embedding(SCHEMA, 2000, 0, 1))
+        assert same_embedding(rx.wait(timeout=30), make_embedding(SCHEMA, 2000, 0, 1))
+        rx2 = lang.receiver(bootstrap=boot.address, room=2)
+        rx2.abort()
+        enc_text, lang_text = scrape(e_url), scrape(l_url)
+        nbytes = 2000 * SCHEMA.token_bytes
+        assert value(enc_text, "embedlink_rooms_total", side="encoder", status="Success") == 1
+        assert (
+            value(
+                enc_text,
+                "embedlink_bytes_total",
+                side="encoder",
+                transport=transport,
+                direction="sent",
+            )
+            >= nbytes
+        )
+        assert value(enc_text, "embedlink_resumes_total", side="encoder") == 1
+        assert (
+            value(enc_text, "embedlink_chunk_seconds_count", side="encoder", transport=transport)
+            == 2
+        )
+        assert value(lang_text, "embedlink_rooms_total", side="language", status="Success") == 1
+        assert value(lang_text, "embedlink_rooms_total", side="language", status="Failed") == 1
+        assert (
+            value(
+                lang_text,
+                "embedlink_bytes_total",
+                side="language",
+                transport="all",
+                direction="received",
+            )
+            == nbytes
+        )
+        assert (
+            value(lang_text, "embedlink_room_seconds_count", side="language", status="Success") == 1
+        )
+    boot_text = scrape(f"http://{boot.address}/metrics")
+    assert value(boot_text, "embedlink_bootstrap_requests_total", route="/route", status="200") >= 2
+    assert "embedlink_bootstrap_ranks 1.0" in boot_text
