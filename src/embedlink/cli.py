@@ -16,8 +16,20 @@ from .protocol import PROTOCOL_VERSION, BufferSchema, Status
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.option(
+    "--log-level",
+    envvar="EMBEDLINK_LOG_LEVEL",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False),
+    help="Logging level, for this process and the ones it starts.",
+)
+@click.option("--log-json", is_flag=True, envvar="EMBEDLINK_LOG_JSON", help="Log JSON lines.")
+def main(log_level: str, log_json: bool) -> None:
     """embedlink: move multimodal embeddings from encoders to LLM prefill workers."""
+    from .logs import setup_logging
+
+    setup_logging(log_level, log_json)
 
 
 @main.command()

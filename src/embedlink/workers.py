@@ -7,7 +7,7 @@ data travelling any other way.
 
 from __future__ import annotations
 
-import logging
+import os
 import queue
 import time
 import traceback
@@ -117,10 +117,10 @@ class RoomResult:
 
 
 def _setup_logging(cfg: dict[str, Any]) -> None:
-    logging.basicConfig(
-        level=cfg.get("log_level", "WARNING"),
-        format="%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s",
-    )
+    from .logs import setup_logging
+
+    level = cfg.get("log_level") or os.environ.get("EMBEDLINK_LOG_LEVEL", "WARNING")
+    setup_logging(str(level), os.environ.get("EMBEDLINK_LOG_JSON") == "1")
 
 
 def encoder_worker(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:

@@ -96,3 +96,40 @@ def test_cli_bench_quick_json_and_plot(tmp_path):
             assert key in r
         assert r["verified"] and r["gbps"] > 0 and r["raw_gbps"] > 0
     assert png.stat().st_size > 10_000
+
+
+def test_cli_log_level_and_json_lines_reach_the_child_processes():
+    import json
+
+    p = run(
+        sys.executable,
+        "-m",
+        "embedlink.cli",
+        "--log-level",
+        "info",
+        "--log-json",
+        "demo",
+        "-n",
+        "2",
+        "--hidden-size",
+        "64",
+        "--max-tokens",
+        "300",
+        "--transport",
+        "tcp",
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    records = []
+    for line in p.stderr.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    loggers = {r["logger"] for r in records}
+    assert "embedlink.encoder" in loggers, p.stderr[-2000:]
+    assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+
+
+def test_cli_rejects_unknown_log_level():
+    p = run(sys.executable, "-m", "embedlink.cli", "--log-level", "loud", "version")
+    assert p.returncode != 0 and "log-level" in (p.stdout + p.stderr)
