@@ -123,6 +123,23 @@ def _setup_logging(cfg: dict[str, Any]) -> None:
     setup_logging(str(level), os.environ.get("EMBEDLINK_LOG_JSON") == "1")
 
 
+def _endpoint_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The settings both worker endpoints take from ``cfg``, with their defaults."""
+    return dict(
+        num_blocks=int(cfg["num_blocks"]),
+        block_size=int(cfg.get("block_size", 128)),
+        transports=tuple(cfg.get("transports", ("tcp",))),
+        tp_rank=int(cfg.get("tp_rank", 0)),
+        tp_size=int(cfg.get("tp_size", 1)),
+        dp_size=int(cfg.get("dp_size", 1)),
+        room_timeout=float(cfg.get("room_timeout", 60.0)),
+        device=cfg.get("device"),
+        heartbeat_interval=float(cfg.get("heartbeat_interval", 2.0)),
+        heartbeat_misses=int(cfg.get("heartbeat_misses", 3)),
+        auth_secret=cfg.get("auth_secret"),
+    )
+
+
 def encoder_worker(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
     """Run an :class:`EncoderEndpoint`; obey commands until ``("stop",)``.
 
@@ -140,17 +157,7 @@ def encoder_worker(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
     ep = EncoderEndpoint(
         schema,
         bootstrap=cfg.get("bootstrap"),
-        num_blocks=int(cfg["num_blocks"]),
-        block_size=int(cfg.get("block_size", 128)),
-        transports=tuple(cfg.get("transports", ("tcp",))),
-        tp_rank=int(cfg.get("tp_rank", 0)),
-        tp_size=int(cfg.get("tp_size", 1)),
-        dp_size=int(cfg.get("dp_size", 1)),
-        room_timeout=float(cfg.get("room_timeout", 60.0)),
-        device=cfg.get("device"),
-        heartbeat_interval=float(cfg.get("heartbeat_interval", 2.0)),
-        heartbeat_misses=int(cfg.get("heartbeat_misses", 3)),
-        auth_secret=cfg.get("auth_secret"),
+        **_endpoint_kwargs(cfg),
     ).start()
     senders: dict[int, Any] = {}
     replies.put(("ready", ep.address))
@@ -230,18 +237,8 @@ def language_worker(cfg: dict[str, Any], jobs: list[tuple[int, int]], out: Any) 
     try:
         with LanguageEndpoint(
             schema,
-            num_blocks=int(cfg["num_blocks"]),
-            block_size=int(cfg.get("block_size", 128)),
             default_tokens=int(cfg.get("default_tokens", 1024)),
-            transports=tuple(cfg.get("transports", ("tcp",))),
-            tp_rank=int(cfg.get("tp_rank", 0)),
-            tp_size=int(cfg.get("tp_size", 1)),
-            dp_size=int(cfg.get("dp_size", 1)),
-            room_timeout=float(cfg.get("room_timeout", 60.0)),
-            device=cfg.get("device"),
-            heartbeat_interval=float(cfg.get("heartbeat_interval", 2.0)),
-            heartbeat_misses=int(cfg.get("heartbeat_misses", 3)),
-            auth_secret=cfg.get("auth_secret"),
+            **_endpoint_kwargs(cfg),
         ) as ep:
             pending: list[tuple[int, int, Any, float]] = []
             it = iter(jobs)

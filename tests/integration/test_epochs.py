@@ -34,6 +34,25 @@ def _next(router, kind):
             return identity, msg
 
 
+def _ack_failed(router, identity, room, epoch, reason):
+    """What an encoder answers an abort with: a Failed status for that epoch."""
+    router.send_multipart(
+        [
+            identity,
+            encode(
+                StatusUpdate(
+                    room=room,
+                    epoch=epoch,
+                    status=Status.Failed,
+                    sent_tokens=0,
+                    total_tokens=0,
+                    reason=reason,
+                )
+            ),
+        ]
+    )
+
+
 def _wait(cond, timeout=10):
     deadline = time.monotonic() + timeout
     while not cond():
@@ -48,21 +67,7 @@ def test_status_for_an_old_epoch_is_refused_and_counted(fake_encoder):
         identity, req_old = _next(router, TransferRequest)
         old.abort()
         _next(router, Abort)
-        router.send_multipart(
-            [
-                identity,
-                encode(
-                    StatusUpdate(
-                        room=5,
-                        epoch=req_old.epoch,
-                        status=Status.Failed,
-                        sent_tokens=0,
-                        total_tokens=0,
-                        reason="ack",
-                    )
-                ),
-            ]
-        )
+        _ack_failed(router, identity, 5, req_old.epoch, "ack")
         _wait(lambda: lang.allocator.num_used == 0)
         old.clear()
         _wait(lambda: lang.room_count() == 0)
@@ -103,20 +108,6 @@ def test_abort_keeps_blocks_a_write_may_still_land_in_until_acknowledged(fake_en
         assert rx.poll() is Status.Failed
         time.sleep(0.3)  # the encoder has not answered: its write may still be landing
         assert lang.allocator.num_used == 4
-        router.send_multipart(
-            [
-                identity,
-                encode(
-                    StatusUpdate(
-                        room=9,
-                        epoch=req.epoch,
-                        status=Status.Failed,
-                        sent_tokens=0,
-                        total_tokens=0,
-                        reason="aborted by peer",
-                    )
-                ),
-            ]
-        )
+        _ack_failed(router, identity, 9, req.epoch, "aborted by peer")
         _wait(lambda: lang.allocator.num_used == 0)
         assert rx.failure_reason == "aborted by receiver"
