@@ -174,6 +174,7 @@ def check_endpoint_knobs(
     tp_size: int,
     room_timeout: float,
     heartbeat_interval: float,
+    bootstrap_timeout: float | None = None,
     heartbeat_misses: int,
 ) -> None:
     """The checks both endpoints make at construction: ValueError naming the setting."""
@@ -181,6 +182,8 @@ def check_endpoint_knobs(
         raise ValueError(f"tp_rank={tp_rank} must be in [0, tp_size={tp_size})")
     if room_timeout <= 0:
         raise ValueError(f"room_timeout must be positive, got {room_timeout}")
+    if bootstrap_timeout is not None and bootstrap_timeout <= 0:
+        raise ValueError(f"bootstrap_timeout must be positive, got {bootstrap_timeout}")
     if heartbeat_interval <= 0 or heartbeat_misses < 1:
         raise ValueError(
             f"heartbeat_interval={heartbeat_interval} must be positive and "

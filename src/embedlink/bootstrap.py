@@ -7,6 +7,8 @@ them up. Routes (SGLang's shape)::
     GET /route?engine_rank=R&target_dp_group=G   -> {"rank_ip", "rank_port"}
     GET /route?engine_rank=-1&target_dp_group=-1 -> {"tp_size", "dp_size"}
     GET /health   -> {"status": "ok"}
+    GET /status   -> {"side": "bootstrap", "ranks": [...], ...}  (what ``embedlink status`` shows)
+    GET /metrics  -> Prometheus text
 
 A malformed request gets 400, an unknown rank 404, a registration that
 contradicts the parallel sizes already registered 409; every error body is
@@ -49,6 +51,8 @@ class RouteInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     rank_port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
     engine_rank: Annotated[int, msgspec.Meta(ge=0, lt=_MAX_SIZE)]
     dp_group: Annotated[int, msgspec.Meta(ge=0, lt=_MAX_SIZE)] = 0
+    #: ``host:port`` of the rank's ``/status`` and ``/metrics`` ("" when it has none)
+    status_address: Annotated[str, msgspec.Meta(max_length=300)] = ""
 
 
 class BootstrapError(EmbedlinkError):
@@ -85,7 +89,11 @@ async def _no_500(request: web.Request, handler: Handler) -> web.StreamResponse:
 def _count(request: web.Request, status: int) -> None:
     server = request.app.get(_SERVER)
     if server is not None:
-        route = request.path if request.path in ("/route", "/health", "/metrics") else "other"
+        route = (
+            request.path
+            if request.path in ("/route", "/health", "/metrics", "/status")
+            else "other"
+        )
         server._requests.labels(route, str(status)).inc()
 
 
@@ -193,6 +201,7 @@ class BootstrapServer:
         app.router.add_put("/route", self._put_route)
         app.router.add_get("/route", self._get_route)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/status", self._status)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -209,6 +218,30 @@ class BootstrapServer:
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "ranks": len(self._routes)})
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status())
+
+    def status(self) -> dict[str, Any]:
+        """Registered ranks and sizes, JSON-ready (``GET /status``)."""
+        ranks = [
+            {
+                "role": info.role,
+                "engine_rank": info.engine_rank,
+                "dp_group": info.dp_group,
+                "address": f"{info.rank_ip}:{info.rank_port}",
+                "status_address": info.status_address or None,
+            }
+            for _, info in sorted(self._routes.items())
+        ]
+        return {
+            "side": "bootstrap",
+            "address": self.address,
+            "tp_size": None if self._sizes is None else self._sizes[0],
+            "dp_size": None if self._sizes is None else self._sizes[1],
+            "ranks": ranks,
+            "unauthenticated": self.unauthenticated,
+        }
 
     async def _put_route(self, request: web.Request) -> web.Response:
         body = await request.read()

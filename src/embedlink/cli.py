@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -370,22 +371,306 @@ def bench(
         raise SystemExit(1)
 
 
+def _config_options(role: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Click options for every setting of ``role`` (all default None, so the
+    configuration layer can tell a given flag from an absent one), plus
+    ``--config`` and ``--print-config``."""
+    from .config import settings_for
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for s in reversed(settings_for(role)):
+            env = s.env + (f", {s.sglang}" if s.sglang else "")
+            default = s.default_for(role)
+            shown = (
+                "unset"
+                if default is None
+                else (",".join(default) if isinstance(default, tuple) else default)
+            )
+            help_text = f"{s.help} [env: {env}; default: {shown}]"
+            py_type: Any = {"int": int, "float": float, "str": str, "list": str}.get(s.type, str)
+            if s.type == "bool":
+                fn = click.option(
+                    f"{s.flag}/--no-{s.flag[2:]}", s.name, default=None, help=help_text
+                )(fn)
+            elif s.type == "list":
+                fn = click.option(
+                    s.flag.rstrip("s"),
+                    s.flag,
+                    s.name,
+                    multiple=True, type=py_type, help=help_text + " (repeatable)"
+                )(fn)
+            else:
+                fn = click.option(s.flag, s.name, type=py_type, default=None, help=help_text)(fn)
+        fn = click.option(
+            "--print-config",
+            is_flag=True,
+            help="Print the resolved settings and where each came from, then exit.",
+        )(fn)
+        fn = click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="TOML file of settings [env: EMBEDLINK_CONFIG]. Precedence: flag > "
+            "EMBEDLINK_* > SGLang's variable > the file's [command] table > its top level "
+            "> default.",
+        )(fn)
+        return fn
+
+    return decorate
+
+
+def _load_config(role: str, flags: dict[str, Any], config_file: str | None, show: bool) -> Any:
+    from .config import ConfigError, load
+
+    # "--transport a,b" works as well as "--transport a --transport b"
+    if flags.get("transports"):
+        flags["transports"] = tuple(
+            t.strip() for item in flags["transports"] for t in item.split(",") if t.strip()
+        )
+    try:
+        cfg = load(role, flags, config_file=config_file)
+    except ConfigError as exc:
+        raise click.ClickException(f"invalid configuration: {exc}") from None
+    if show:
+        for name, value, source in cfg.describe():
+            click.echo(f"{name:<22} {value:<26} # {source}")
+        raise SystemExit(0)
+    return cfg
+
+
+def _stop_on_sigterm(stop: Any) -> None:
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8998, show_default=True)
-@click.option(
-    "--auth-secret",
-    envvar="EMBEDLINK_AUTH_SECRET",
-    default=None,
-    help="Require HMAC-authenticated registrations (env: EMBEDLINK_AUTH_SECRET).",
-)
-def bootstrap(host: str, port: int, auth_secret: str | None) -> None:
-    """Run a standalone bootstrap server until interrupted."""
+@_config_options("bootstrap")
+def bootstrap(config_file: str | None, print_config: bool, **flags: Any) -> None:
+    """Run a standalone bootstrap server until interrupted (SIGINT or SIGTERM)."""
+    import threading
+
     from .bootstrap import BootstrapServer
 
-    server = BootstrapServer(host=host, port=port, auth_secret=auth_secret).start()
-    click.echo(f"embedlink bootstrap server on http://{server.address} (GET /health)")
-    server.serve_forever()
+    cfg = _load_config("bootstrap", flags, config_file, print_config)
+    try:
+        server = BootstrapServer(
+            host=cfg["host"], port=cfg["port"], auth_secret=cfg["auth_secret"]
+        ).start()
+    except Exception as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"embedlink bootstrap server on http://{server.address} (GET /health, /status)")
+    stop = threading.Event()
+    _stop_on_sigterm(stop)
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+
+
+@main.command()
+@_config_options("encoder")
+def encoder(config_file: str | None, print_config: bool, **flags: Any) -> None:
+    """Run one encoder rank until interrupted (SIGINT or SIGTERM).
+
+    Registers with the bootstrap server (if given) and serves every room a
+    language rank asks for: the embedding comes from --hook (module:function
+    taking (room, schema) and returning an Embedding) or, by default, is a
+    synthetic one that `embedlink language` verifies byte for byte.
+    """
+    import threading
+
+    from .standalone import run_encoder
+
+    cfg = _load_config("encoder", flags, config_file, print_config)
+    stop = threading.Event()
+    _stop_on_sigterm(stop)
+
+    def ready(ep: Any) -> None:
+        where = (
+            f"; /status and /metrics on http://{ep.metrics_address}" if ep.metrics_address else ""
+        )
+        click.echo(
+            f"embedlink encoder rank {ep.tp_rank} on {ep.address} "
+            f"(transports {','.join(ep.transports)}){where}",
+        )
+
+    try:
+        counts = run_encoder(cfg, stop, on_ready=ready)
+    except KeyboardInterrupt:
+        return
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise click.ClickException(f"encoder failed to start: {exc}") from None
+    click.echo(f"stopped: {counts['sent']} rooms sent, {counts['refused']} refused")
+
+
+@main.command()
+@_config_options("language")
+def language(config_file: str | None, print_config: bool, **flags: Any) -> None:
+    """Receive --rooms rooms from the encoder(s) behind --bootstrap and report.
+
+    Each embedding goes to --hook (module:function taking (room, embedding))
+    or, by default, is compared byte for byte with the synthetic one the
+    encoder generates for that room. Exits non-zero when any room failed.
+    """
+    from .bootstrap import BootstrapError
+    from .standalone import run_language
+
+    cfg = _load_config("language", flags, config_file, print_config)
+    console = Console()
+    try:
+        with Progress(
+            TextColumn("[bold]language"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
+            task = bar.add_task("rooms", total=cfg["rooms"])
+            run = run_language(cfg, progress=lambda _: bar.advance(task))
+    except BootstrapError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise click.ClickException(f"language side failed: {exc}") from None
+    outcomes = run.outcomes
+    table = Table(title=f"embedlink language: {len(outcomes)} rooms from {cfg['bootstrap']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for st in Status:
+        n = sum(1 for o in outcomes if o.status is st)
+        if n:
+            table.add_row(f"rooms {st}", str(n))
+    nbytes = sum(o.nbytes for o in outcomes)
+    lat = np.array([o.latency for o in outcomes]) if outcomes else np.zeros(1)
+    table.add_row("rooms that resumed", str(sum(1 for o in outcomes if o.resumes)))
+    table.add_row("bytes received", f"{nbytes / 1e9:,.3f} GB")
+    table.add_row("throughput", f"{nbytes / max(run.wall, 1e-9) / 1e9:.2f} GB/s")
+    table.add_row(
+        "latency p50 / p99",
+        f"{np.percentile(lat, 50) * 1e3:.1f} / {np.percentile(lat, 99) * 1e3:.1f} ms",
+    )
+    check = "verified byte for byte" if cfg["hook"] == "synthetic" else f"accepted by {cfg['hook']}"
+    table.add_row(check, f"{sum(o.ok for o in outcomes)}/{len(outcomes)}")
+    console.print(table)
+    for o in outcomes:
+        if not o.ok:
+            console.print(f"[red]room {o.room}: {o.status}: {o.reason}")
+    if not all(o.ok for o in outcomes):
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("address")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+@click.option("--timeout", default=5.0, show_default=True, help="HTTP timeout in seconds.")
+def status(address: str, as_json: bool, timeout: float) -> None:
+    """Show what a live process is doing: ADDRESS is host:port of a bootstrap
+    server (its ranks, and each rank's status when it serves one) or of an
+    endpoint's metrics port (live rooms by status, pool use, peers)."""
+    import json
+
+    snap = _fetch_status(address, timeout)
+    follow: list[tuple[str, Any]] = []
+    if snap.get("side") == "bootstrap":
+        for rank in snap.get("ranks", []):
+            if rank.get("status_address"):
+                try:
+                    follow.append(
+                        (rank["status_address"], _fetch_status(rank["status_address"], timeout))
+                    )
+                except click.ClickException as exc:
+                    follow.append((rank["status_address"], {"error": exc.message}))
+    if as_json:
+        click.echo(
+            json.dumps({"status": snap, "ranks": dict(follow)} if follow else snap, indent=2)
+        )
+        return
+    console = Console()
+    _print_status(console, address, snap)
+    for where, sub in follow:
+        _print_status(console, where, sub)
+
+
+def _fetch_status(address: str, timeout: float) -> Any:
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = address if address.startswith("http") else f"http://{address}"
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/status", timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise click.ClickException(
+            f"{address} answered {exc.code} to GET /status (is it an embedlink bootstrap server "
+            "or an endpoint's metrics port?)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot reach {address}: {exc}") from None
+
+
+def _print_status(console: Console, address: str, snap: Any) -> None:
+    if "error" in snap:
+        console.print(f"[red]{address}: {snap['error']}")
+        return
+    side = snap.get("side", "?")
+    if side == "bootstrap":
+        table = Table(
+            title=f"bootstrap server {address}: tp_size {snap.get('tp_size')}, "
+            f"dp_size {snap.get('dp_size')}"
+        )
+        for col in ("role", "rank", "dp group", "control address", "status address"):
+            table.add_column(col)
+        for r in snap.get("ranks", []):
+            table.add_row(
+                r["role"],
+                str(r["engine_rank"]),
+                str(r["dp_group"]),
+                r["address"],
+                r.get("status_address") or "-",
+            )
+        console.print(table)
+        return
+    pool = snap["pool"]
+    rooms = snap["rooms"]
+    live = sum(v for k, v in rooms.items())
+    title = (
+        f"{side} rank {snap.get('tp_rank')} at {address}: {live} rooms held; pool "
+        f"{pool['blocks_used']}/{pool['blocks_total']} blocks used ({pool['block_size']} tokens each)"
+    )
+    console.print(title)
+    table = Table()
+    table.add_column("status")
+    table.add_column("rooms", justify="right")
+    for name, n in rooms.items():
+        table.add_row(name, str(n))
+    console.print(table)
+    peers = Table(title="peers")
+    if side == "encoder":
+        for col in ("session", "transport", "alive", "last seen s", "refused"):
+            peers.add_column(col)
+        for p in snap["peers"]:
+            peers.add_row(
+                p["session"],
+                str(p["transport"]),
+                "yes" if p["alive"] else "NO",
+                f"{p['last_seen_s']:.1f}",
+                p["refused"] or "",
+            )
+    else:
+        for col in ("encoder", "alive", "last seen s"):
+            peers.add_column(col)
+        for p in snap["peers"]:
+            peers.add_row(p["encoder"], "yes" if p["alive"] else "NO", f"{p['last_seen_s']:.1f}")
+    console.print(peers)
+    console.print("counters: " + ", ".join(f"{k} {v}" for k, v in snap.get("counters", {}).items()))
 
 
 if __name__ == "__main__":

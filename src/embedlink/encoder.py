@@ -16,7 +16,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +28,7 @@ from ._loop import Loop, check_endpoint_knobs
 from .auth import Authenticator
 from .bootstrap import BootstrapClient, RouteInfo
 from .embedding import Embedding, to_pool_arrays
-from .memory import BlockAllocator, BufferPool
+from .memory import BlockAllocator, BufferPool, pool_status
 from .metrics import EndpointMetrics, MetricsExporter
 from .protocol import (
     AUX_FIELD,
@@ -255,6 +255,7 @@ class EncoderEndpoint:
         advertise_host: str | None = None,
         port: int = 0,
         room_timeout: float = 60.0,
+        bootstrap_timeout: float | None = None,
         write_workers: int = 4,
         checksums: bool = False,
         transport_options: Mapping[str, Mapping[str, str]] | None = None,
@@ -264,11 +265,13 @@ class EncoderEndpoint:
         room_ttl: float = 600.0,
         auth_secret: str | bytes | None = None,
         metrics_port: int | None = None,
+        on_request: Callable[[RoomId], None] | None = None,
     ) -> None:
         check_endpoint_knobs(
             tp_rank=tp_rank,
             tp_size=tp_size,
             room_timeout=room_timeout,
+            bootstrap_timeout=bootstrap_timeout,
             heartbeat_interval=heartbeat_interval,
             heartbeat_misses=heartbeat_misses,
         )
@@ -286,9 +289,11 @@ class EncoderEndpoint:
         self.advertise_host = advertise_host or host
         self.port = port
         self.room_timeout = room_timeout
+        self.bootstrap_timeout = bootstrap_timeout
         self.checksums = checksums
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
+        self._on_request = on_request
         # cleared rooms that still have a write in flight (kept for peer death)
         self._orphans: set[SenderRoom] = set()
         # terminal rooms in the order they ended, collected after room_ttl
@@ -344,7 +349,9 @@ class EncoderEndpoint:
         self._loop.start()
         self._started = True
         if self.metrics_port is not None:
-            self._exporter = MetricsExporter(self.metrics.registry, self.host, self.metrics_port)
+            self._exporter = MetricsExporter(
+                self.metrics.registry, self.host, self.metrics_port, status=self.status
+            )
         if self.bootstrap:
             BootstrapClient(self.bootstrap, auth_secret=self._auth.key).register(
                 RouteInfo(
@@ -355,6 +362,7 @@ class EncoderEndpoint:
                     rank_port=self.port,
                     engine_rank=self.tp_rank,
                     dp_group=self.dp_rank,
+                    status_address=self.metrics_address or "",
                 )
             )
         log.info("encoder rank %d listening on %s", self.tp_rank, self.address)
@@ -398,6 +406,7 @@ class EncoderEndpoint:
             block_size=self.block_size,
             now=time.monotonic(),
             timeout=self.room_timeout,
+            bootstrap_timeout=self.bootstrap_timeout,
             src_num_blocks=self.num_blocks,
         )
         with self._lock:
@@ -415,6 +424,55 @@ class EncoderEndpoint:
     def pool_usage(self) -> tuple[int, int]:
         """``(used, total)`` blocks."""
         return self.allocator.num_used, self.num_blocks
+
+    @property
+    def metrics_address(self) -> str | None:
+        """``host:port`` serving ``/metrics`` and ``/status`` (None without ``metrics_port``)."""
+        if self._exporter is None:
+            return None
+        return f"{self.advertise_host}:{self._exporter.port}"
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready snapshot: live rooms by status, pool use, peers, counters.
+
+        Taken on the loop thread, so it is consistent; what ``GET /status``
+        and ``embedlink status`` show.
+        """
+        return self._loop.call_wait(self._snapshot, timeout=5.0)  # type: ignore[no-any-return]
+
+    def _snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        rooms = {st.name: 0 for st in Status}
+        for r in self._rooms.values():
+            rooms[r.status.name] += 1
+        return {
+            "side": "encoder",
+            "address": self.address,
+            "tp_rank": self.tp_rank,
+            "tp_size": self.tp_size,
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            "transports": list(self.transports),
+            "rooms": rooms,
+            "requests_without_sender": sum(
+                1
+                for reqs in self._early.values()
+                if any(isinstance(m, TransferRequest) for _, _, m in reqs)
+            ),
+            "pool": pool_status(self.pool, self.allocator),
+            "peers": [
+                {
+                    "session": p.session,
+                    "transport": p.transport,
+                    "alive": p.refused is None,
+                    "refused": p.refused,
+                    "last_seen_s": round(now - p.last_seen, 3),
+                }
+                for p in self._peers.values()
+            ],
+            "counters": vars(self.stats).copy(),
+            "loop_errors": self._loop.errors,
+        }
 
     def sessions(self) -> dict[SessionId, str | None]:
         """Registered language sessions and the transport chosen for each."""
@@ -499,7 +557,11 @@ class EncoderEndpoint:
         if room is None:
             if isinstance(msg, TransferRequest | Abort):
                 # sender(room) may come later: keep it (at most a room timeout)
-                self._early.setdefault(msg.room, []).append((now, identity, msg))
+                early = self._early.setdefault(msg.room, [])
+                first = not any(isinstance(m, TransferRequest) for _, _, m in early)
+                early.append((now, identity, msg))
+                if first and isinstance(msg, TransferRequest) and self._on_request is not None:
+                    self._announce(msg.room)
             if not isinstance(msg, TransferRequest):
                 # Unknown room: answer so the peer can release what it holds.
                 self._refuse(
@@ -513,6 +575,13 @@ class EncoderEndpoint:
         else:
             acts = room.peer_abort(msg, now)
         self._run(room, acts)
+
+    def _announce(self, room: RoomId) -> None:
+        assert self._on_request is not None
+        try:
+            self._on_request(room)
+        except Exception:  # the user's callback must not take the loop down
+            log.exception("encoder: on_request(%d) raised", room)
 
     def _on_register(self, identity: bytes, msg: Register) -> None:
         old = self._peers.get(msg.session)

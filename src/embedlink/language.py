@@ -37,7 +37,7 @@ from ._loop import Loop, check_endpoint_knobs
 from .auth import Authenticator
 from .bootstrap import BootstrapClient
 from .embedding import Embedding, from_pool_arrays
-from .memory import BlockAllocator, BufferPool
+from .memory import BlockAllocator, BufferPool, pool_status
 from .metrics import EndpointMetrics, MetricsExporter
 from .protocol import (
     AUX_FIELD,
@@ -181,6 +181,7 @@ class LanguageEndpoint:
         dp_size: int = 1,
         host: str = "127.0.0.1",
         room_timeout: float = 60.0,
+        bootstrap_timeout: float | None = None,
         resume_headroom: int | None = None,
         zero_copy: bool = False,
         heartbeat_interval: float = 2.0,
@@ -199,6 +200,7 @@ class LanguageEndpoint:
             tp_rank=tp_rank,
             tp_size=tp_size,
             room_timeout=room_timeout,
+            bootstrap_timeout=bootstrap_timeout,
             heartbeat_interval=heartbeat_interval,
             heartbeat_misses=heartbeat_misses,
         )
@@ -215,6 +217,7 @@ class LanguageEndpoint:
         self.tp_rank, self.tp_size, self.dp_size = tp_rank, tp_size, dp_size
         self.host = host
         self.room_timeout = room_timeout
+        self.bootstrap_timeout = bootstrap_timeout
         self.transport_options = {k: dict(v) for k, v in (transport_options or {}).items()}
         #: return single-chunk results as views into the pool (valid until clear())
         self.zero_copy = zero_copy
@@ -283,7 +286,9 @@ class LanguageEndpoint:
         self._loop.start()
         self._started = True
         if self.metrics_port is not None:
-            self._exporter = MetricsExporter(self.metrics.registry, self.host, self.metrics_port)
+            self._exporter = MetricsExporter(
+                self.metrics.registry, self.host, self.metrics_port, status=self.status
+            )
         return self
 
     def close(self) -> None:
@@ -350,6 +355,7 @@ class LanguageEndpoint:
             block_size=self.block_size,
             now=time.monotonic(),
             timeout=self.room_timeout,
+            bootstrap_timeout=self.bootstrap_timeout,
             default_tokens=first,
             required_dst_info_num=required,
         )
@@ -362,6 +368,56 @@ class LanguageEndpoint:
             self._rooms[room] = live
         self._loop.call(self._start_room, live, encoder)
         return Receiver(self, live)
+
+    @property
+    def metrics_address(self) -> str | None:
+        """``host:port`` serving ``/metrics`` and ``/status`` (None without ``metrics_port``)."""
+        if self._exporter is None:
+            return None
+        return f"{self.host}:{self._exporter.port}"
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready snapshot: live rooms by status, pool use, encoders, counters.
+
+        Taken on the loop thread, so it is consistent; what ``GET /status``
+        and ``embedlink status`` show.
+        """
+        return self._loop.call_wait(self._snapshot, timeout=5.0)  # type: ignore[no-any-return]
+
+    def _snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        rooms = {st.name: 0 for st in Status}
+        for live in self._rooms.values():
+            rooms[live.room.status.name] += 1
+        limit = self.heartbeat_interval * self.heartbeat_misses
+        return {
+            "side": "language",
+            "session": self.session,
+            "tp_rank": self.tp_rank,
+            "tp_size": self.tp_size,
+            "dp_size": self.dp_size,
+            "transports": list(self.transports),
+            "default_tokens": self.default_tokens,
+            "rooms": rooms,
+            "queued_reservations": {"resumes": len(self._resumes), "first": len(self._firsts)},
+            "pool": pool_status(self.pool, self.allocator),
+            "peers": [
+                {
+                    "encoder": address,
+                    "alive": now - e.last_seen <= limit,
+                    "last_seen_s": round(now - e.last_seen, 3),
+                }
+                for address, e in self._encoders.items()
+            ],
+            "counters": {
+                "dropped_messages": self.dropped_messages,
+                "ignored_inputs": self.ignored_inputs,
+                "unauthenticated_messages": self.unauthenticated_messages,
+                "dead_encoders": self.dead_encoders,
+                "collected_rooms": self.collected_rooms,
+            },
+            "loop_errors": self._loop.errors,
+        }
 
     def pool_usage(self) -> tuple[int, int]:
         """``(used, total)`` blocks (blocks held for in-flight writes count as used)."""

@@ -22,7 +22,7 @@ from . import _torch
 from .protocol.layout import AUX_DTYPE, AUX_FIELD, AUX_SIZE, BufferSchema
 from .protocol.types import BlockId
 
-__all__ = ["BlockAllocator", "BufferPool", "PoolLayout", "pool_layout"]
+__all__ = ["BlockAllocator", "BufferPool", "PoolLayout", "pool_layout", "pool_status"]
 
 _ALIGN = 4096
 
@@ -456,3 +456,15 @@ class BlockAllocator:
         """Free ``(start, length)`` runs, for tests and diagnostics."""
         with self._cond:
             return [(s, self._lens[s]) for s in self._starts]
+
+
+def pool_status(pool: BufferPool, allocator: BlockAllocator) -> dict[str, Any]:
+    """A pool's use as JSON-ready numbers (for ``/status``)."""
+    return {
+        "blocks_total": pool.num_blocks,
+        "blocks_used": allocator.num_used,
+        "blocks_free": allocator.num_free,
+        "block_size": pool.block_size,
+        "bytes_total": pool.nbytes,
+        "device": str(pool.device or "cpu"),
+    }

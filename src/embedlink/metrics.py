@@ -2,18 +2,32 @@
 
 Each endpoint and server has its own registry (several can live in one
 process), served over HTTP: ``metrics_port=`` on an endpoint starts an
-exporter (port 0 picks a free one; :attr:`MetricsExporter.port` tells which);
-the bootstrap server serves ``GET /metrics`` itself.
+exporter (port 0 picks a free one; :attr:`MetricsExporter.port` tells which)
+that answers ``GET /metrics`` (Prometheus text), ``GET /status`` (the
+endpoint's live rooms by status, pool use and peers as JSON, what
+``embedlink status`` shows) and ``GET /health``; the bootstrap server serves
+the same three routes itself.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EndpointMetrics", "MetricsExporter", "render"]
 
@@ -108,13 +122,61 @@ class EndpointMetrics:
 
 
 class MetricsExporter:
-    """An HTTP exporter of one registry on ``host:port`` (port 0: a free one)."""
+    """An HTTP server for one endpoint on ``host:port`` (port 0: a free one).
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        self._server: Any
-        self._thread: threading.Thread
-        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+    ``GET /metrics``: the registry; ``GET /status``: ``status()`` as JSON (404
+    when no status function was given); ``GET /health``. Runs on its own
+    daemon thread; a failing status function answers 503 with the error and
+    never stops the server.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        status: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        exporter = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path == "/health":
+                    self._json(200, {"status": "ok"})
+                elif path == "/status" and exporter._status is not None:
+                    try:
+                        body = exporter._status()
+                    except Exception as exc:  # e.g. the endpoint is closing
+                        self._json(503, {"error": f"status unavailable: {exc}"})
+                    else:
+                        self._json(200, body)
+                else:
+                    self._json(404, {"error": f"no route {path}; try /metrics, /status, /health"})
+
+            def _json(self, code: int, body: Any) -> None:
+                self._reply(code, json.dumps(body).encode(), "application/json")
+
+            def _reply(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("metrics http: " + format, *args)
+
+        self._status = status
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="embedlink-metrics", daemon=True
+        )
+        self._thread.start()
 
     def close(self) -> None:
         self._server.shutdown()

@@ -36,7 +36,8 @@ Rules (DESIGN.md section 2), enforced here and in ``status.py``:
   equal what was delivered to that destination (else ``Failed``); a resume
   already served is ignored.
 * Every non-terminal status has a deadline (``room_timeout`` seconds from the
-  last progress); passing it fails the room.
+  last progress; ``bootstrap_timeout``, when given, while still
+  ``Bootstrapping``); passing it fails the room.
 * Blocks a peer may still be writing are never freed early: a sender frees its
   source blocks only when no write is in flight, and notifies an aborted
   destination only after its in-flight write ends; a receiver that gives up
@@ -172,12 +173,17 @@ def block_runs(
 class _Room:
     """What both sides share: status, reason, deadline, history."""
 
-    def __init__(self, room: RoomId, now: float, timeout: float) -> None:
+    def __init__(
+        self, room: RoomId, now: float, timeout: float, bootstrap_timeout: float | None = None
+    ) -> None:
         self.room = room
         self.status = Status.Bootstrapping
         self.failure_reason: str | None = None
         self.timeout = timeout
-        self.deadline = now + timeout
+        #: how long the room may stay in Bootstrapping (SGLang's bootstrap
+        #: timeout); ``None`` means ``timeout``
+        self.bootstrap_timeout = bootstrap_timeout
+        self.deadline = now + self._window()
         self._history: list[tuple[Status, int]] = [(Status.Bootstrapping, 0)]
 
     @property
@@ -192,6 +198,12 @@ class _Room:
     def _progress_tokens(self) -> int:
         raise NotImplementedError
 
+    def _window(self) -> float:
+        """The deadline's distance from the last progress in the current status."""
+        if self.status is Status.Bootstrapping and self.bootstrap_timeout is not None:
+            return self.bootstrap_timeout
+        return self.timeout
+
     def _move(self, new: Status, now: float, out: list[Action], reason: str | None = None) -> bool:
         """Apply a status move. Returns False (and changes nothing) when the
         table rejects it; the seed's rule is that such updates are ignored."""
@@ -203,7 +215,7 @@ class _Room:
             return False
         if new is Status.Failed:
             self.failure_reason = reason
-        self.deadline = now + self.timeout
+        self.deadline = now + self._window()
         tokens = self._progress_tokens()
         if self.status is not old or self._history[-1] != (self.status, tokens):
             self._history.append((self.status, tokens))
@@ -213,7 +225,7 @@ class _Room:
     def _timed_out(self, now: float) -> str | None:
         if self.done or now < self.deadline:
             return None
-        return f"timed out after {self.timeout:g}s without progress in {self.status}"
+        return f"timed out after {self._window():g}s without progress in {self.status}"
 
 
 # --------------------------------------------------------------------------- sender
@@ -249,8 +261,9 @@ class SenderRoom(_Room):
         now: float,
         timeout: float,
         src_num_blocks: int | None = None,
+        bootstrap_timeout: float | None = None,
     ) -> None:
-        super().__init__(room, now, timeout)
+        super().__init__(room, now, timeout, bootstrap_timeout)
         self.schema = schema
         self.block_size = block_size
         self.src_num_blocks = src_num_blocks
@@ -345,7 +358,7 @@ class SenderRoom(_Room):
         if self.done:  # aborted or failed before the data came: nothing will use it
             self._free_src(out)
             return out
-        self.deadline = now + self.timeout
+        self.deadline = now + self._window()
         self._pump(now, out)
         return out
 
@@ -376,7 +389,7 @@ class SenderRoom(_Room):
         d.served.add(msg.sent_tokens)
         d.blocks = tuple(msg.dst_blocks)
         d.tokens = msg.dst_tokens
-        self.deadline = now + self.timeout
+        self.deadline = now + self._window()
         self._pump(now, out)
         return out
 
@@ -403,7 +416,7 @@ class SenderRoom(_Room):
             complete = all(x.delivered == self.total_tokens for x in self.dsts.values())
             self._move(Status.Success if complete else Status.Transferring, now, out)
         else:
-            self.deadline = now + self.timeout
+            self.deadline = now + self._window()
         dst_status = Status.Success if plan.is_last else Status.Transferring
         out.append(
             Send(
@@ -600,8 +613,9 @@ class ReceiverRoom(_Room):
         timeout: float,
         default_tokens: int,
         required_dst_info_num: int = 1,
+        bootstrap_timeout: float | None = None,
     ) -> None:
-        super().__init__(room, now, timeout)
+        super().__init__(room, now, timeout, bootstrap_timeout)
         if default_tokens <= 0:
             raise ValueError(f"default_tokens must be positive, got {default_tokens}")
         self.session = session
@@ -680,7 +694,7 @@ class ReceiverRoom(_Room):
                     )
                 )
             )
-            self.deadline = now + self.timeout
+            self.deadline = now + self._window()
         return out
 
     def status_update(self, msg: StatusUpdate, now: float) -> list[Action]:
