@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Regenerate docs/protocol.md from the code (tests fail when it is stale)."""
+"""Regenerate docs/protocol.md and docs/configuration.md from the code (tests fail when
+they are stale)."""
 
 import pathlib
 import sys
@@ -7,7 +8,8 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from embedlink._docs import render_protocol_md  # noqa: E402
+from embedlink._docs import render_configuration_md, render_protocol_md  # noqa: E402
 
 (ROOT / "docs" / "protocol.md").write_text(render_protocol_md())
-print("wrote docs/protocol.md")
+(ROOT / "docs" / "configuration.md").write_text(render_configuration_md())
+print("wrote docs/protocol.md and docs/configuration.md")

@@ -1,7 +1,9 @@
 """Prometheus metrics: scrape live endpoints and the bootstrap server over
 HTTP and check that the counters move."""
 
+import json
 import re
+import time
 import urllib.request
 
 import pytest
@@ -81,3 +83,46 @@ def test_metrics_move_on_endpoints_and_bootstrap(boot, transport):
     boot_text = scrape(f"http://{boot.address}/metrics")
     assert value(boot_text, "embedlink_bootstrap_requests_total", route="/route", status="200") >= 2
     assert "embedlink_bootstrap_ranks 1.0" in boot_text
+
+
+def test_status_shows_rooms_pool_and_peers(boot):
+    """GET /status on both endpoints: a room held mid-transfer shows up by
+    status, its blocks as used, and each side names its peer."""
+
+    with (
+        EncoderEndpoint(
+            SCHEMA, bootstrap=boot.address, num_blocks=64, transports=("tcp",), metrics_port=0
+        ) as enc,
+        LanguageEndpoint(
+            SCHEMA, num_blocks=64, transports=("tcp",), metrics_port=0, default_tokens=256
+        ) as lang,
+    ):
+        rx = lang.receiver(bootstrap=boot.address, room=5)
+        tx = enc.sender(5)
+        assert rx.poll() < 2
+        # the receiver's reservation and the request are visible before any data
+        deadline = time.monotonic() + 10
+        while lang.status()["rooms"]["WaitingForInput"] != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        e_snap = json.loads(scrape(f"http://{enc.metrics_address}/status"))
+        l_snap = json.loads(scrape(f"http://{lang.metrics_address}/status"))
+        assert e_snap["side"] == "encoder" and l_snap["side"] == "language"
+        assert sum(e_snap["rooms"].values()) == 1
+        assert l_snap["rooms"]["WaitingForInput"] == 1
+        assert l_snap["pool"]["blocks_used"] == 2  # 256 tokens in 128-token blocks
+        assert [p["encoder"] for p in l_snap["peers"]] == [enc.address]
+        assert [p["session"] for p in e_snap["peers"]] == [lang.session]
+        assert e_snap["peers"][0]["alive"] and e_snap["peers"][0]["transport"] == "tcp"
+        tx.send(make_embedding(SCHEMA, 100, 0, 5))
+        rx.wait(timeout=30)
+        rx.clear()
+        tx.clear()
+        deadline = time.monotonic() + 10
+        while sum(lang.status()["rooms"].values()) or sum(enc.status()["rooms"].values()):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert (
+            json.loads(scrape(f"http://{boot.address}/status"))["ranks"][0]["status_address"]
+            == enc.metrics_address
+        )

@@ -103,7 +103,7 @@ def test_bad_environment_names_setting_and_source(env, setting, words):
 
 
 def test_bad_flag_names_the_flag():
-    with pytest.raises(ConfigError, match="heartbeat_interval.*flag --heartbeat-interval"):
+    with pytest.raises(ConfigError, match=r"heartbeat_interval.*flag --heartbeat-interval"):
         load("encoder", {"heartbeat_interval": -1.0}, env={})
 
 

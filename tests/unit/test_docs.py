@@ -1,9 +1,11 @@
 import pathlib
 
-from embedlink._docs import render_protocol_md
+from embedlink._docs import render_configuration_md, render_protocol_md
+from embedlink.config import SETTINGS
 from embedlink.protocol import TRANSITIONS, Move
 
-DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
+DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"
+DOC = DOCS / "protocol.md"
 
 
 def test_protocol_doc_is_generated_from_the_code_and_current():
@@ -16,3 +18,12 @@ def test_protocol_doc_draws_every_legal_move():
         if move is Move.ADVANCE:
             assert f"{a.name} --> {b.name}" in text
     assert "Transferring --> WaitingForInput" not in text
+
+
+def test_configuration_doc_is_current_and_lists_every_setting():
+    text = render_configuration_md()
+    assert (DOCS / "configuration.md").read_text() == text, "run: python scripts/gen_docs.py"
+    for s in SETTINGS:
+        assert f"`{s.name}`" in text and s.env in text
+        if s.sglang:
+            assert s.sglang in text
