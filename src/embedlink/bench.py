@@ -14,8 +14,9 @@ copies). Latency runs from the moment both sides were ready (``commit()`` or
 monotonic clock. The first room of every row is
 verified byte for byte outside the timed path.
 
-Raw limits (the same bytes, measured here): ``shm`` a single-threaded memcpy;
-``tcp`` one loopback TCP stream into a preallocated buffer; ``mooncake`` one
+Raw limits (the same bytes, measured here, as a sustained rate: the best of
+three batches of back-to-back operations): ``shm`` a single-threaded memcpy;
+``tcp`` one loopback TCP stream into a preallocated buffer; ``mooncake``
 ``batch_transfer_sync_write`` between two engines. The ZeroMQ round trip of
 100 bytes is reported for small-room latency.
 """
@@ -87,6 +88,18 @@ def _fill(buf: Any, emb: Any) -> None:
             dst[...] = src
 
 
+def _prefault(pool: Any) -> None:
+    """Write every page of ``pool`` once, as a long-running server's pool would
+    have been: untouched pages read as the kernel's shared zero page (cached,
+    so faster than memory) and fault on first write, either of which would
+    skew the first row."""
+    if pool.on_host:
+        pool.backing.fill(0x5A)
+    else:
+        pool.tensor.fill_(0x5A)
+    pool.synchronize()
+
+
 def _bench_encoder(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
     from .encoder import EncoderEndpoint
     from .workers import make_embedding, on_device
@@ -102,6 +115,7 @@ def _bench_encoder(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
         room_timeout=120.0,
         device=device,
     ) as ep:
+        _prefault(ep.pool)
         replies.put(("ready",))
         cache: dict[int, Any] = {}
         while True:
@@ -111,14 +125,20 @@ def _bench_encoder(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
             _, rooms = cmd
             sent: dict[int, float] = {}
             txs = []
-            for room, n in rooms:
+            for i, (room, n) in enumerate(rooms):
                 if n not in cache:
                     cache[n] = on_device(make_embedding(schema, n, 0, n), device)
                 tx = ep.sender(room)
                 if cfg.get("one_copy", True):
-                    # the encoder's output is produced straight into the pool
-                    # (here: copied from a cached embedding, before the clock starts)
-                    _fill(tx.buffer(n), cache[n])
+                    # The encoder's output is produced straight into the pool, on a
+                    # real encoder by the model (off the CPU). The bench writes it for
+                    # the row's first room, which the language side verifies; the
+                    # others send the pool's bytes as they are, so the row measures
+                    # embedlink's work (control plane + the transport's one copy)
+                    # rather than a CPU memcpy standing in for the model.
+                    buf = tx.buffer(n)
+                    if i == 0 or cfg.get("fill_all", False):
+                        _fill(buf, cache[n])
                     sent[room] = time.monotonic()
                     tx.commit(mrope_position_delta=cache[n].mrope_position_delta)
                 else:
@@ -146,11 +166,13 @@ def _bench_language(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
         num_blocks=cfg["num_blocks"],
         block_size=cfg["block_size"],
         default_tokens=1024,
+        resume_headroom=cfg.get("resume_headroom"),
         transports=(cfg["transport"],),
         room_timeout=120.0,
         device=cfg.get("device"),
         zero_copy=cfg.get("one_copy", True),
     ) as ep:
+        _prefault(ep.pool)
         replies.put(("ready",))
         while True:
             cmd = cmds.get()
@@ -195,14 +217,21 @@ def _bench_language(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
 
 
 def _best(fn: Callable[[], None], nbytes: int, repeat: int, budget: float = 2.0) -> float:
-    """Best GB/s of ``fn`` over up to ``repeat`` runs within ``budget`` seconds."""
+    """Sustained GB/s of ``fn``: after one warm-up call, the best of three
+    batches of back-to-back calls (``repeat`` calls in all, within about
+    ``budget`` seconds), each batch timed as a whole. The end-to-end rows
+    sustain hundreds of rooms, so their limit is a sustained rate too, not one
+    lucky call."""
+    fn()
+    per_batch = max(1, repeat // 3, min(1000, int(50e6 // max(1, nbytes))))
     best = 0.0
     t_end = time.perf_counter() + budget
-    for _ in range(repeat):
+    for _ in range(3):
         t = time.perf_counter()
-        fn()
+        for _ in range(per_batch):
+            fn()
         dt = time.perf_counter() - t
-        best = max(best, nbytes / dt / 1e9)
+        best = max(best, per_batch * nbytes / dt / 1e9)
         if time.perf_counter() > t_end:
             break
     return best
@@ -437,7 +466,16 @@ def run_bench(
                 target=_bench_language,
                 daemon=True,
                 name=f"bench-language-{transport}",
-                args=({**cfg, "num_blocks": per_room_blocks * window + 16}, l_cmd, l_rep),
+                # window rooms at their full size plus the headroom kept for resumes
+                args=(
+                    {
+                        **cfg,
+                        "num_blocks": per_room_blocks * (window + 1) + 16,
+                        "resume_headroom": per_room_blocks + 16,
+                    },
+                    l_cmd,
+                    l_rep,
+                ),
             )
             enc.start()
             lang.start()

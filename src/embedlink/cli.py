@@ -397,7 +397,9 @@ def _config_options(role: str) -> Callable[[Callable[..., Any]], Callable[..., A
                     s.flag.rstrip("s"),
                     s.flag,
                     s.name,
-                    multiple=True, type=py_type, help=help_text + " (repeatable)"
+                    multiple=True,
+                    type=py_type,
+                    help=help_text + " (repeatable)",
                 )(fn)
             else:
                 fn = click.option(s.flag, s.name, type=py_type, default=None, help=help_text)(fn)

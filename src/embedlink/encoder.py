@@ -73,6 +73,16 @@ class _Peer:
     refused: str | None = None
     regions: dict[str, int] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
+    #: the peer's own writer threads, when its transport limits concurrent writes
+    executor: ThreadPoolExecutor | None = None
+
+    def close_writer(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.executor is not None:
+            self.executor.shutdown(wait=False)
+            self.executor = None
 
 
 @dataclass
@@ -318,6 +328,7 @@ class EncoderEndpoint:
         self._lock = threading.Lock()
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._sock: zmq.Socket[bytes] | None = None
+        self._write_workers = write_workers
         self._workers = ThreadPoolExecutor(
             max_workers=write_workers, thread_name_prefix="embedlink-write"
         )
@@ -376,11 +387,13 @@ class EncoderEndpoint:
         if self._started:
             self._loop.stop()
         self._workers.shutdown(wait=True, cancel_futures=True)
+        for p in self._peers.values():
+            if p.executor is not None:
+                p.executor.shutdown(wait=True, cancel_futures=True)
         if self._exporter is not None:
             self._exporter.close()
         for p in self._peers.values():
-            if p.writer is not None:
-                p.writer.close()
+            p.close_writer()
         if self._sock is not None:
             self._sock.close(0)
         if self._ctx is not None:
@@ -585,8 +598,8 @@ class EncoderEndpoint:
 
     def _on_register(self, identity: bytes, msg: Register) -> None:
         old = self._peers.get(msg.session)
-        if old is not None and old.writer is not None:
-            old.writer.close()
+        if old is not None:
+            old.close_writer()
         peer = _Peer(msg.session, identity, msg)
         self._peers[msg.session] = peer
         mine = self.schema.describe()
@@ -619,6 +632,11 @@ class EncoderEndpoint:
                     options=self.transport_options.get(offer.name),
                 )
                 peer.transport = offer.name
+                limit = peer.writer.max_concurrent_writes
+                if limit is not None and limit < self._write_workers:
+                    peer.executor = ThreadPoolExecutor(
+                        max_workers=limit, thread_name_prefix=f"embedlink-write-{offer.name}"
+                    )
                 break
             except Exception as exc:  # a backend failing to connect must not kill the loop
                 tried.append(f"{offer.name}: {exc}")
@@ -665,6 +683,8 @@ class EncoderEndpoint:
                 if a.plan.nbytes <= limit:
                     # A local copy this small costs less than two thread hand-offs.
                     self._write(room, a, inline=True)
+                elif peer is not None and peer.executor is not None:
+                    peer.executor.submit(self._write, room, a)
                 else:
                     self._workers.submit(self._write, room, a)
             elif isinstance(a, FreeBlocks):
@@ -727,9 +747,7 @@ class EncoderEndpoint:
             self.stats.dead_sessions += 1
             self.metrics.dead_peers.labels("encoder").inc()
             log.warning("encoder: %s", peer.refused)
-            if peer.writer is not None:
-                peer.writer.close()
-                peer.writer = None
+            peer.close_writer()
             for room in list(self._rooms.values()):
                 if peer.session in room.dsts:
                     self._run(room, room.peer_dead(peer.session, now, reason))

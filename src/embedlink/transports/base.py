@@ -109,6 +109,10 @@ class PeerWriter:
     #: Plans up to this many bytes are written on the endpoint's loop thread
     #: instead of a writer thread (local copies only; 0 for network transports).
     inline_max_bytes: int = 0
+    #: At most this many writes to this peer run at once (None: as many as the
+    #: endpoint has writer threads). An engine that parallelises one write
+    #: internally loses throughput when several writes contend for it.
+    max_concurrent_writes: int | None = None
 
     def write(self, copies: Sequence[Copy], src: BufferPool, timeout: float) -> None:
         """Copy every ``copies`` entry from ``src`` into the peer's pool, and return

@@ -189,6 +189,10 @@ class MooncakeWriter(PeerWriter):
     """One batched write per plan into a peer's registered pool."""
 
     name = "mooncake"
+    # The engine splits each write over its own worker threads; concurrent
+    # batches to one peer contend for them (measured on 2 cores: one at a time
+    # moves 2000-token rooms ~1.6x faster than four).
+    max_concurrent_writes = 1
 
     def __init__(
         self, engine: _Engine, session: str, addrs: dict[str, int], regions: dict[str, int]
