@@ -5,7 +5,10 @@ either, so one thread owns both (after pyzmq's guidance and httpcore's "small
 loop around a state machine"). Other threads (the user's, transport workers)
 never touch them: they :meth:`Loop.call` a function, which is queued and run on
 the loop thread. A pipe wakes the poller so queued calls run at once instead of
-at the next poll timeout.
+at the next poll timeout; while a wake-up is already pending no further byte is
+written (one syscall and one poller wake-up per burst of calls, not per call).
+Calls that need not run promptly (:meth:`Loop.call_lazy`) wake nothing: they
+run with the next wake-up or tick.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ class Loop:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._stopped = threading.Event()
+        # True from a caller's pipe write until the loop starts draining calls:
+        # callers in between need not write again (their call is already queued
+        # before the loop drains, see call()).
+        self._wake_pending = False
         self.errors = 0  # exceptions caught by the loop (a bug if ever non-zero)
 
     # -- any thread
@@ -59,12 +66,23 @@ class Loop:
     def call(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the loop thread, in submission order."""
         self._calls.put((fn, args))
+        # The put comes first: if the flag is still set, the loop has not yet
+        # started draining, so it will see this call.
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         try:
             os.write(self._wfd, b"\0")
         except BlockingIOError:
             pass  # the pipe is full, so the loop is already awake
         except OSError:
             pass  # closed: the loop is gone
+
+    def call_lazy(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(*args)`` without waking the loop: it runs, in order with
+        the other calls, at the next wake-up or tick (at most one tick
+        interval later). For bookkeeping nobody waits on."""
+        self._calls.put((fn, args))
 
     def call_wait(self, fn: Callable[..., Any], *args: Any, timeout: float = 10.0) -> Any:
         """Run ``fn(*args)`` on the loop thread and return its result."""
@@ -140,6 +158,9 @@ class Loop:
                         pass
                 except (BlockingIOError, OSError):
                     pass
+            # Clear before draining: a call queued after this point writes the
+            # pipe again, so none is left waiting for the next tick.
+            self._wake_pending = False
             self._run_calls()
             for sock, handler in list(self._handlers.items()):
                 if sock in ready:

@@ -62,9 +62,17 @@ class BenchRow:
     resumes_per_room: float
     rss_encoder_mb: float
     rss_language_mb: float
+    #: CPU time (user + system, all threads) per room in each process
+    cpu_ms_per_room_encoder: float
+    cpu_ms_per_room_language: float
     verified: bool
     device: str = "host"
     api: str = "one-copy"
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _rss_mb() -> float:
@@ -123,6 +131,7 @@ def _bench_encoder(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
             if cmd[0] == "stop":
                 return
             _, rooms = cmd
+            cpu0 = _cpu_s()
             sent: dict[int, float] = {}
             txs = []
             for i, (room, n) in enumerate(rooms):
@@ -152,7 +161,7 @@ def _bench_encoder(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
                 tx.wait(120)
                 tx.clear()
             ep.allocator.wait_all_free(30)
-            replies.put(("row_done", sent, _rss_mb()))
+            replies.put(("row_done", sent, _rss_mb(), _cpu_s() - cpu0))
 
 
 def _bench_language(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
@@ -179,6 +188,7 @@ def _bench_language(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
             if cmd[0] == "stop":
                 return
             _, rooms, exact, window = cmd
+            cpu0 = _cpu_s()
             done: dict[int, float] = {}
             created: dict[int, float] = {}
             resumes = 0
@@ -210,7 +220,7 @@ def _bench_language(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
             for p in pending:
                 finish(*p)
             ep.allocator.wait_all_free(30)
-            replies.put(("row_done", done, created, resumes, verified, _rss_mb()))
+            replies.put(("row_done", done, created, resumes, verified, _rss_mb(), _cpu_s() - cpu0))
 
 
 # --------------------------------------------------------------------------- raw limits
@@ -237,26 +247,59 @@ def _best(fn: Callable[[], None], nbytes: int, repeat: int, budget: float = 2.0)
     return best
 
 
-def raw_memcpy_gbps(nbytes: int) -> float:
-    src = np.ones(nbytes, np.uint8)
-    dst = np.empty_like(src)
-    return _best(lambda: np.copyto(dst, src), nbytes, 20)
+class _Cycle:
+    """Offsets of successive room-sized slots in a source and a destination
+    buffer of ``src_slots`` and ``dst_slots`` rooms: the raw baselines move
+    each room from a different place to a different place, as the pools do, so
+    the same few megabytes are not copied hot out of the cache every time."""
+
+    def __init__(self, nbytes: int, src_slots: int, dst_slots: int) -> None:
+        self.nbytes, self.src_slots, self.dst_slots = nbytes, src_slots, dst_slots
+        self.i = 0
+
+    def next(self) -> tuple[int, int]:
+        i, self.i = self.i, self.i + 1
+        return (i % self.src_slots) * self.nbytes, (i % self.dst_slots) * self.nbytes
 
 
-def raw_tcp_gbps(nbytes: int) -> float:
-    """One loopback TCP stream of ``nbytes`` into a preallocated buffer."""
+def _filled(n: int, value: int) -> np.ndarray[Any, Any]:
+    a = np.empty(n, np.uint8)
+    a.fill(value)  # every page written: no zero-page reads, no first-touch faults
+    return a
+
+
+def raw_memcpy_gbps(nbytes: int, src_slots: int = 1, dst_slots: int = 1) -> float:
+    """A single-threaded memcpy of ``nbytes`` at a time, cycling through
+    pool-sized buffers of ``src_slots`` and ``dst_slots`` rooms."""
+    src = _filled(nbytes * src_slots, 1)
+    dst = _filled(nbytes * dst_slots, 2)
+    cyc = _Cycle(nbytes, src_slots, dst_slots)
+
+    def once() -> None:
+        s, d = cyc.next()
+        np.copyto(dst[d : d + nbytes], src[s : s + nbytes])
+
+    return _best(once, nbytes, 20)
+
+
+def raw_tcp_gbps(nbytes: int, src_slots: int = 1, dst_slots: int = 1) -> float:
+    """One loopback TCP stream of ``nbytes`` at a time into a preallocated
+    buffer, cycling through buffers of ``src_slots``/``dst_slots`` rooms."""
     srv = socket.create_server(("127.0.0.1", 0))
     port = srv.getsockname()[1]
-    sink = memoryview(bytearray(nbytes))
+    sink = memoryview(_filled(nbytes * dst_slots, 2))  # type: ignore[arg-type]
     stop = threading.Event()
 
     def serve() -> None:
         conn, _ = srv.accept()
+        i = 0
         with conn:
             while not stop.is_set():
+                base = (i % dst_slots) * nbytes
+                i += 1
                 got = 0
                 while got < nbytes:
-                    k = conn.recv_into(sink[got:], nbytes - got)
+                    k = conn.recv_into(sink[base + got : base + nbytes], nbytes - got)
                     if k == 0:
                         return
                     got += k
@@ -264,12 +307,14 @@ def raw_tcp_gbps(nbytes: int) -> float:
 
     th = threading.Thread(target=serve, daemon=True)
     th.start()
-    payload = memoryview(np.ones(nbytes, np.uint8))  # type: ignore[arg-type]
+    payload = memoryview(_filled(nbytes * src_slots, 1))  # type: ignore[arg-type]
+    cyc = _Cycle(nbytes, src_slots, dst_slots)
     with socket.create_connection(("127.0.0.1", port)) as c:
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def once() -> None:
-            c.sendall(payload)
+            s, _ = cyc.next()
+            c.sendall(payload[s : s + nbytes])
             c.recv(1)
 
         gbps = _best(once, nbytes, 20)
@@ -279,8 +324,10 @@ def raw_tcp_gbps(nbytes: int) -> float:
     return gbps
 
 
-def raw_mooncake_gbps(nbytes: int) -> float:
-    """One ``batch_transfer_sync_write`` of ``nbytes`` between two engines."""
+def raw_mooncake_gbps(nbytes: int, src_slots: int = 1, dst_slots: int = 1) -> float:
+    """``batch_transfer_sync_write`` of ``nbytes`` at a time between two
+    engines, cycling through registered buffers of ``src_slots``/``dst_slots``
+    rooms."""
     from .transports.mooncake import _engine_class
 
     cls = _engine_class(verbose=False)
@@ -288,14 +335,18 @@ def raw_mooncake_gbps(nbytes: int) -> float:
     for e in (a, b):
         if e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
             raise RuntimeError("mooncake: initialize failed")
-    src = np.ones(nbytes, np.uint8)
-    dst = np.zeros(nbytes, np.uint8)
-    a.batch_register_memory([src.ctypes.data], [nbytes])
-    b.batch_register_memory([dst.ctypes.data], [nbytes])
+    src = _filled(nbytes * src_slots, 1)
+    dst = _filled(nbytes * dst_slots, 2)
+    a.batch_register_memory([src.ctypes.data], [src.nbytes])
+    b.batch_register_memory([dst.ctypes.data], [dst.nbytes])
     target = f"127.0.0.1:{b.get_rpc_port()}"
+    cyc = _Cycle(nbytes, src_slots, dst_slots)
 
     def once() -> None:
-        rc = a.batch_transfer_sync_write(target, [src.ctypes.data], [dst.ctypes.data], [nbytes])
+        s, d = cyc.next()
+        rc = a.batch_transfer_sync_write(
+            target, [src.ctypes.data + s], [dst.ctypes.data + d], [nbytes]
+        )
         if rc != 0:
             raise RuntimeError(f"mooncake raw write returned {rc}")
 
@@ -368,17 +419,25 @@ def raw_mooncake_gpu_gbps(nbytes: int, device: str) -> float:
     return _best(once, nbytes, 20)
 
 
-def raw_gbps(transport: str, nbytes: int, device: str | None = None) -> float:
+def raw_gbps(
+    transport: str,
+    nbytes: int,
+    device: str | None = None,
+    src_slots: int = 1,
+    dst_slots: int = 1,
+) -> float:
+    """The raw limit of ``transport`` for ``nbytes`` per operation; host
+    baselines cycle through ``src_slots``/``dst_slots`` room-sized slots."""
     if transport == "cuda_ipc":
         return raw_cuda_ipc_gbps(nbytes, device or "cuda:0")
     if transport == "mooncake" and device is not None and device.startswith("cuda"):
         return raw_mooncake_gpu_gbps(nbytes, device)
     if transport == "shm":
-        return raw_memcpy_gbps(nbytes)
+        return raw_memcpy_gbps(nbytes, src_slots, dst_slots)
     if transport == "tcp":
-        return raw_tcp_gbps(nbytes)
+        return raw_tcp_gbps(nbytes, src_slots, dst_slots)
     if transport == "mooncake":
-        return raw_mooncake_gbps(nbytes)
+        return raw_mooncake_gbps(nbytes, src_slots, dst_slots)
     raise ValueError(f"no raw baseline for {transport!r}")
 
 
@@ -484,7 +543,15 @@ def run_bench(
                     if q.get(timeout=120)[0] != "ready":
                         raise RuntimeError("bench worker failed to start")
                 for n in sizes:
-                    raw = raw_gbps(transport, n * schema.token_bytes, device)
+                    # the same working set as the row: the encoder cycles through
+                    # window + 2 rooms of its pool, the language side window + 1
+                    raw = raw_gbps(
+                        transport,
+                        n * schema.token_bytes,
+                        device,
+                        src_slots=window + 2,
+                        dst_slots=window + 1,
+                    )
                     for mode in modes:
                         k = rooms_for(n)
                         rooms = [(room_id + i, n) for i in range(k)]
@@ -494,8 +561,10 @@ def run_bench(
                         l_cmd.put(("row", rooms, mode == "exact", window))
                         e_cmd.put(("row", rooms))
                         try:
-                            _, sent, rss_e = e_rep.get(timeout=600)
-                            _, done, created, resumes, verified, rss_l = l_rep.get(timeout=600)
+                            _, sent, rss_e, cpu_e = e_rep.get(timeout=600)
+                            _, done, created, resumes, verified, rss_l, cpu_l = l_rep.get(
+                                timeout=600
+                            )
                         except queue.Empty:
                             raise RuntimeError(
                                 f"bench row {transport}/{n}/{mode} timed out"
@@ -529,6 +598,8 @@ def run_bench(
                                 resumes_per_room=round(resumes / max(1, len(done)), 2),
                                 rss_encoder_mb=round(rss_e, 1),
                                 rss_language_mb=round(rss_l, 1),
+                                cpu_ms_per_room_encoder=round(cpu_e / k * 1e3, 3),
+                                cpu_ms_per_room_language=round(cpu_l / k * 1e3, 3),
                                 verified=bool(verified) and len(done) == k,
                                 device=device or "host",
                                 api="one-copy" if one_copy else "copying",

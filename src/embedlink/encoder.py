@@ -243,7 +243,19 @@ class Sender:
 
     def clear(self) -> None:
         """Forget the room (call after it ended); an unfinished room is aborted first."""
-        self._ep._loop.call(self._ep._clear_room, self._room)
+        ep, room = self._ep, self._room
+        if room.done:
+            # Only bookkeeping is left (blocks come back when the last write
+            # ends): forget the id now, so it can be reused at once, and leave
+            # the rest to the loop's next wake-up.
+            with ep._lock:
+                if ep._rooms.get(self.room) is room:
+                    del ep._rooms[self.room]
+                    ep._events.pop(room, None)
+                    ep._created.pop(room, None)
+            ep._loop.call_lazy(ep._clear_room, room)
+        else:
+            ep._loop.call(ep._clear_room, room)
 
 
 class EncoderEndpoint:
@@ -428,7 +440,11 @@ class EncoderEndpoint:
             self._rooms[room] = r
             self._events[r] = threading.Event()
             self._created[r] = time.monotonic()
-        self._loop.call(self._adopt_early, r)
+            # The loop files early messages under the same lock (see _dispatch),
+            # so either it saw this room or its messages are in _early now.
+            early = room in self._early
+        if early:
+            self._loop.call(self._adopt_early, r)
         return Sender(self, r)
 
     def room_count(self) -> int:
@@ -566,15 +582,17 @@ class EncoderEndpoint:
             return
         peer.identity = identity
         peer.last_seen = now
-        room = self._rooms.get(msg.room)
-        if room is None:
-            if isinstance(msg, TransferRequest | Abort):
+        first = False
+        with self._lock:  # against sender() adding the room meanwhile
+            room = self._rooms.get(msg.room)
+            if room is None and isinstance(msg, TransferRequest | Abort):
                 # sender(room) may come later: keep it (at most a room timeout)
                 early = self._early.setdefault(msg.room, [])
                 first = not any(isinstance(m, TransferRequest) for _, _, m in early)
                 early.append((now, identity, msg))
-                if first and isinstance(msg, TransferRequest) and self._on_request is not None:
-                    self._announce(msg.room)
+        if room is None:
+            if first and isinstance(msg, TransferRequest) and self._on_request is not None:
+                self._announce(msg.room)
             if not isinstance(msg, TransferRequest):
                 # Unknown room: answer so the peer can release what it holds.
                 self._refuse(

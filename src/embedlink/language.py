@@ -107,6 +107,11 @@ class _Live:
     aux: Any = None
     queued: bool = False  # waiting in the reservation queue
     pinned: tuple[int, ...] | None = None  # blocks a zero-copy result lives in
+    #: zero-copy rooms that resume: the first pool token of the contiguous run
+    #: the whole embedding is assembled in (``pinned`` holds its blocks) ...
+    area_start: int | None = None
+    #: ... and the part of it the next chunk is to land in (its reservation)
+    extension: list[int] | None = None
 
 
 class Receiver:
@@ -162,7 +167,16 @@ class Receiver:
     def clear(self) -> None:
         """Forget the room; an unfinished room is aborted first. Blocks the encoder
         may still write into stay reserved until it acknowledges."""
-        self._ep._loop.call(self._ep._clear_room, self._live)
+        live, ep = self._live, self._ep
+        if live.room.done and live.pinned is None and not live.room.holds_blocks:
+            # Nothing to free or tell the encoder: forget the id now (so it can
+            # be reused at once) and leave the rest to the loop's next wake-up.
+            with ep._lock:
+                if ep._rooms.get(self.room) is live:
+                    del ep._rooms[self.room]
+            ep._loop.call_lazy(ep._clear_room, live)
+        else:
+            ep._loop.call(ep._clear_room, live)
 
 
 class LanguageEndpoint:
@@ -486,7 +500,14 @@ class LanguageEndpoint:
         if live.pinned is not None:
             blocks, live.pinned = live.pinned, None
             live.result = {}
-            self.allocator.free(blocks)
+            live.extension = None
+            if live.room.holds_blocks and live.room.blocks is not None:
+                # the encoder may still write into the outstanding reservation:
+                # those blocks come back with the room's FreeBlocks, later
+                outstanding = set(live.room.blocks)
+                blocks = tuple(b for b in blocks if b not in outstanding)
+            if blocks:
+                self.allocator.free(blocks)
             self._retry_reservations()
         with self._lock:
             if self._rooms.get(live.room.room) is live:
@@ -565,10 +586,14 @@ class LanguageEndpoint:
             elif isinstance(a, Harvest):
                 self._harvest(live, a)
             elif isinstance(a, FreeBlocks):
-                if live.pinned is not None and a.blocks == live.pinned:
-                    continue  # a zero-copy result lives there until clear()
-                self.allocator.free(a.blocks)
-                freed = True
+                blocks = a.blocks
+                if live.pinned is not None:
+                    # a zero-copy result lives in the pinned blocks until clear()
+                    keep = set(live.pinned)
+                    blocks = tuple(b for b in blocks if b not in keep)
+                if blocks:
+                    self.allocator.free(blocks)
+                    freed = True
             elif isinstance(a, StatusChanged):
                 if a.new is Status.Transferring:
                     self.metrics.resumes.labels("language").inc()
@@ -588,6 +613,14 @@ class LanguageEndpoint:
             self._retry_reservations()
 
     def _reserve(self, live: _Live, tokens: int) -> None:
+        if live.extension is not None:
+            # the rest goes straight after the first chunk, in the assembly run
+            blocks, live.extension = live.extension, None
+            now = time.monotonic()
+            self._run(
+                live, live.room.reserved(blocks, min(tokens, len(blocks) * self.block_size), now)
+            )
+            return
         resume = live.room.sent_tokens > 0
         q = self._resumes if resume else self._firsts
         # first come, first served within each class: wait behind earlier rooms
@@ -625,6 +658,23 @@ class LanguageEndpoint:
 
     def _harvest(self, live: _Live, h: Harvest) -> None:
         self.metrics.moved("all", "received", h.count * self._token_bytes)
+        if live.area_start is not None:
+            # a resumed zero-copy room: this chunk landed in its assembly run
+            if h.start_token + h.count == h.total_tokens:
+                live.result = {
+                    f.name: self.pool.view(f.name, live.area_start, h.total_tokens)
+                    for f in self.schema.fields
+                }
+            return
+        if (
+            self.zero_copy
+            and h.first
+            and h.count < h.total_tokens
+            and len(h.runs) == 1
+            and h.blocks
+            and self._assemble_in_pool(live, h)
+        ):
+            return
         if (
             self.zero_copy
             and h.first
@@ -646,6 +696,40 @@ class LanguageEndpoint:
         self.pool.synchronize()
         if h.first:
             live.aux = self.pool.read_aux(h.aux_block)
+
+    def _assemble_in_pool(self, live: _Live, h: Harvest) -> bool:
+        """Arrange for a zero-copy room that must resume to end up contiguous in
+        the pool, so its result is a view like a single-chunk room's: grow the
+        first chunk's blocks in place when the blocks after them are free, else
+        move the chunk to the start of a free run long enough for the whole
+        embedding (one copy inside the pool, no fresh memory). The rest is then
+        reserved right after it (:attr:`_Live.extension`). False when neither
+        fits, or the chunk does not end on a block boundary (the rest must start
+        where it ends): the result is then assembled in fresh memory."""
+        bs = self.block_size
+        start, count = h.runs[0]
+        k = count // bs
+        if count % bs or len(h.blocks) != k or start != h.blocks[0] * bs:
+            return False
+        need = -(-h.total_tokens // bs)
+        grown = self.allocator.alloc_at(h.blocks[0] + k, need - k)
+        live.aux = self.pool.read_aux(h.aux_block)
+        if grown is not None:
+            live.pinned = (*h.blocks, *grown)
+            live.area_start = start
+            live.extension = grown
+            return True
+        run = self.allocator.alloc_contiguous(need)
+        if run is None:
+            return False
+        dst = run[0] * bs
+        for f in self.schema.fields:
+            self.pool.view(f.name, dst, count)[...] = self.pool.view(f.name, start, count)
+        self.pool.synchronize()
+        live.pinned = tuple(run)
+        live.area_start = dst
+        live.extension = run[k:]
+        return True
 
     def _tick(self, now: float) -> None:
         for live in list(self._rooms.values()):

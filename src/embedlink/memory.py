@@ -374,6 +374,44 @@ class BlockAllocator:
                     return None
                 self._cond.wait(left)
 
+    def alloc_contiguous(self, num_blocks: int) -> list[BlockId] | None:
+        """``num_blocks`` adjacent blocks (one run, first fit), or ``None`` now."""
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        with self._cond:
+            for s in self._starts:
+                if self._lens[s] >= num_blocks:
+                    return self._take(s, num_blocks)
+            return None
+
+    def alloc_at(self, start: BlockId, num_blocks: int) -> list[BlockId] | None:
+        """Exactly blocks ``[start, start + num_blocks)`` when all are free
+        (e.g. to grow a reservation in place), else ``None``."""
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        if start < 0 or start + num_blocks > self.num_blocks:
+            return None
+        with self._cond:
+            i = bisect.bisect_right(self._starts, start) - 1
+            if i < 0:
+                return None
+            s = self._starts[i]
+            if s + self._lens[s] < start + num_blocks:
+                return None
+            # split the free extent [s, s + len) around the taken range
+            length = self._lens.pop(s)
+            del self._starts[i]
+            if start > s:
+                self._starts.insert(i, s)
+                self._lens[s] = start - s
+            end = start + num_blocks
+            if s + length > end:
+                bisect.insort(self._starts, end)
+                self._lens[end] = s + length - end
+            got = list(range(start, end))
+            self._used.update(got)
+            return got
+
     def wait_all_free(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until every block is free; True if so."""
         deadline = time.monotonic() + timeout

@@ -109,16 +109,27 @@ class EndpointMetrics:
         pool.labels(side, "free").set_function(free_blocks)
         pool.labels(side, "used").set_function(used_blocks)
 
+        # labelled children by label values: labels() validates and locks on
+        # every call, and these run once or twice per room
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self.side, *values)
+        return child
+
     def ended(self, status: str, seconds: float) -> None:
-        self.rooms.labels(self.side, status).inc()
-        self.room_seconds.labels(self.side, status).observe(seconds)
+        self._child(self.rooms, status).inc()
+        self._child(self.room_seconds, status).observe(seconds)
 
     def moved(
         self, transport: str, direction: str, nbytes: int, seconds: float | None = None
     ) -> None:
-        self.bytes.labels(self.side, transport, direction).inc(nbytes)
+        self._child(self.bytes, transport, direction).inc(nbytes)
         if seconds is not None:
-            self.chunk_seconds.labels(self.side, transport).observe(seconds)
+            self._child(self.chunk_seconds, transport).observe(seconds)
 
 
 class MetricsExporter:

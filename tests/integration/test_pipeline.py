@@ -378,12 +378,62 @@ def test_one_copy_path_buffer_commit_and_zero_copy_receive(boot, transport):
         assert lang.allocator.num_used == 12
         rx.clear()
         assert lang.allocator.wait_all_free(5)
-        # a resumed room is reassembled into its own memory instead
+        # a resumed room grows its reservation in place: still a view
         rx2 = lang.receiver(bootstrap=boot.address, room=6)
         enc.sender(6).send(make_embedding(SCHEMA, 3000, 0, 6))
         got2 = rx2.wait(timeout=30)
-        assert not np.shares_memory(got2.embedding, lang.pool.array("embedding"))
+        assert np.shares_memory(got2.embedding, lang.pool.array("embedding"))
+        assert token_offset(got2.embedding, lang.pool.array("embedding")) == 0
         assert same_embedding(got2, make_embedding(SCHEMA, 3000, 0, 6))
+        assert rx2.history[-2:] == [(S.Transferring, 1024), (S.Success, 3000)]
+        assert lang.allocator.num_used == 24  # 3000 tokens, pinned until clear()
+        rx2.clear()
+        assert lang.allocator.wait_all_free(5)
+        assert enc.allocator.wait_all_free(5)
+
+
+def token_offset(view, pool):
+    """Which pool token a view of the embedding field starts at."""
+    return (view.__array_interface__["data"][0] - pool.__array_interface__["data"][0]) // (
+        pool.strides[0]
+    )
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_zero_copy_resumes_end_contiguous_or_fall_back(boot, transport):
+    """A zero-copy room that resumes is a view of one contiguous pool run:
+    grown in place, or moved once inside the pool when its neighbour is taken;
+    with no run long enough it is reassembled in fresh memory. Every byte
+    arrives and every block comes back."""
+    with (
+        EncoderEndpoint(
+            SCHEMA, bootstrap=boot.address, num_blocks=96, transports=(transport,)
+        ) as enc,
+        LanguageEndpoint(
+            SCHEMA, num_blocks=40, transports=(transport,), zero_copy=True, resume_headroom=4
+        ) as lang,
+    ):
+        pool = lang.pool.array("embedding")
+        # room 1 takes blocks 0-7; room 2 (its neighbour) takes 8-15 and waits
+        rx1 = lang.receiver(bootstrap=boot.address, room=1)
+        rx2 = lang.receiver(bootstrap=boot.address, room=2)
+        enc.sender(1).send(make_embedding(SCHEMA, 2500, 0, 1))
+        got1 = rx1.wait(timeout=30)
+        assert same_embedding(got1, make_embedding(SCHEMA, 2500, 0, 1))
+        assert np.shares_memory(got1.embedding, pool)
+        assert token_offset(got1.embedding, pool) == 16 * 128  # moved: 8-15 were taken
+        enc.sender(2).send(make_embedding(SCHEMA, 700, 0, 2))
+        assert same_embedding(rx2.wait(timeout=30), make_embedding(SCHEMA, 700, 0, 2))
+        # 20 blocks pinned by room 1, 6 by room 2: 14 left, no run of 32 for
+        # a 4000-token room, so it falls back to fresh memory
+        rx3 = lang.receiver(bootstrap=boot.address, room=3)
+        enc.sender(3).send(make_embedding(SCHEMA, 4000, 0, 3))
+        got3 = rx3.wait(timeout=30)
+        assert same_embedding(got3, make_embedding(SCHEMA, 4000, 0, 3))
+        assert not np.shares_memory(got3.embedding, pool)
+        for rx in (rx1, rx2, rx3):
+            rx.clear()
+        assert lang.allocator.wait_all_free(5)
         assert enc.allocator.wait_all_free(5)
 
 

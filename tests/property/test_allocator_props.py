@@ -34,6 +34,40 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert 1 <= len(got) <= n
             self.held.append(got)
 
+    @rule(n=st.integers(1, N))
+    def alloc_contiguous(self, n):
+        got = self.a.alloc_contiguous(n)
+        held = {b for h in self.held for b in h}
+        longest = max((k for _, k in self._free_runs(held)), default=0)
+        if got is None:
+            assert longest < n
+        else:
+            assert got == list(range(got[0], got[0] + n))
+            self.held.append(got)
+
+    @rule(start=st.integers(-2, N + 2), n=st.integers(1, N))
+    def alloc_at(self, start, n):
+        held = {b for h in self.held for b in h}
+        fits = start >= 0 and start + n <= N and not held & set(range(start, start + n))
+        got = self.a.alloc_at(start, n)
+        if fits:
+            assert got == list(range(start, start + n))
+            self.held.append(got)
+        else:
+            assert got is None
+
+    @staticmethod
+    def _free_runs(held):
+        runs, start = [], None
+        for b in range(N + 1):
+            free = b < N and b not in held
+            if free and start is None:
+                start = b
+            elif not free and start is not None:
+                runs.append((start, b - start))
+                start = None
+        return runs
+
     @precondition(lambda self: self.held)
     @rule(i=st.integers(0, 100))
     def free(self, i):
