@@ -68,6 +68,8 @@ class BenchRow:
     verified: bool
     device: str = "host"
     api: str = "one-copy"
+    #: rooms in flight (1: a latency probe on an idle pipeline)
+    window: int = 8
 
 
 def _cpu_s() -> float:
@@ -479,6 +481,75 @@ def _pct(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
+def _probes(sizes: Sequence[int], modes: Sequence[str]) -> list[tuple[int, str, int]]:
+    """``(tokens, mode, most rooms)`` of the one-in-flight rows: the smallest
+    payload exact, and 2000 tokens (or the next size up) in every mode."""
+    small = min(sizes)
+    out = [(small, "exact", 300)]
+    big = [n for n in sizes if n >= 2000]
+    if big:
+        out += [(min(big), m, 60) for m in modes]
+    return out
+
+
+def _row(
+    queues: tuple[Any, Any, Any, Any],
+    rooms: list[tuple[int, int]],
+    *,
+    transport: str,
+    tokens: int,
+    mode: str,
+    window: int,
+    raw: float,
+    token_bytes: int,
+    device: str | None,
+    one_copy: bool,
+) -> BenchRow:
+    """Run one row through the two worker processes and summarise it."""
+    e_cmd, e_rep, l_cmd, l_rep = queues
+    k = len(rooms)
+    l_cmd.put(("row", rooms, mode == "exact", window))
+    e_cmd.put(("row", rooms))
+    try:
+        _, sent, rss_e, cpu_e = e_rep.get(timeout=600)
+        _, done, created, resumes, verified, rss_l, cpu_l = l_rep.get(timeout=600)
+    except queue.Empty:
+        raise RuntimeError(f"bench row {transport}/{tokens}/{mode} timed out") from None
+    # from the moment both sides were ready (the data committed and the
+    # receiver created) to wait() returning
+    lat = [
+        done[r] - max(sent[r], created[r])
+        for r, _ in rooms
+        if r in done and r in sent and r in created
+    ]
+    span = max(done.values()) - min(sent.values()) if done else float("nan")
+    nbytes = tokens * token_bytes
+    gbps = nbytes * len(done) / span / 1e9
+    return BenchRow(
+        transport=transport,
+        tokens=tokens,
+        mode=mode,
+        rooms=k,
+        nbytes_per_room=nbytes,
+        gbps=round(gbps, 3),
+        raw_gbps=round(raw, 3),
+        ratio_to_raw=round(gbps / raw, 3) if raw else float("nan"),
+        rooms_per_s=round(len(done) / span, 1),
+        p50_ms=round(_pct(lat, 50) * 1e3, 3),
+        p99_ms=round(_pct(lat, 99) * 1e3, 3),
+        raw_p50_ms=round(nbytes / (raw * 1e9) * 1e3, 3) if raw else float("nan"),
+        resumes_per_room=round(resumes / max(1, len(done)), 2),
+        rss_encoder_mb=round(rss_e, 1),
+        rss_language_mb=round(rss_l, 1),
+        cpu_ms_per_room_encoder=round(cpu_e / k * 1e3, 3),
+        cpu_ms_per_room_language=round(cpu_l / k * 1e3, 3),
+        verified=bool(verified) and len(done) == k,
+        device=device or "host",
+        api="one-copy" if one_copy else "copying",
+        window=window,
+    )
+
+
 def run_bench(
     *,
     transports: Sequence[str] = ("shm", "tcp", "mooncake"),
@@ -491,9 +562,12 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
     device: str | None = None,
     one_copy: bool = True,
+    latency_probes: bool = True,
 ) -> tuple[list[BenchRow], dict[str, float]]:
-    """Run every (transport, size, mode) row; return the rows and the extras
-    (``zmq_rtt_ms``). Each transport's processes are spawned once."""
+    """Run every (transport, size, mode) row with ``window`` rooms in flight,
+    then (``latency_probes``) a few rows with one room in flight; return the
+    rows and the extras (``zmq_rtt_ms``). Each transport's processes are
+    spawned once."""
     from .bootstrap import BootstrapServer
 
     schema = BufferSchema(hidden_size=hidden_size)
@@ -542,69 +616,42 @@ def run_bench(
                 for q in (e_rep, l_rep):
                     if q.get(timeout=120)[0] != "ready":
                         raise RuntimeError("bench worker failed to start")
-                for n in sizes:
-                    # the same working set as the row: the encoder cycles through
-                    # window + 2 rooms of its pool, the language side window + 1
-                    raw = raw_gbps(
-                        transport,
-                        n * schema.token_bytes,
-                        device,
-                        src_slots=window + 2,
-                        dst_slots=window + 1,
-                    )
-                    for mode in modes:
-                        k = rooms_for(n)
-                        rooms = [(room_id + i, n) for i in range(k)]
-                        room_id += k
-                        if progress:
-                            progress(f"{transport} {n} tokens {mode}: {k} rooms")
-                        l_cmd.put(("row", rooms, mode == "exact", window))
-                        e_cmd.put(("row", rooms))
-                        try:
-                            _, sent, rss_e, cpu_e = e_rep.get(timeout=600)
-                            _, done, created, resumes, verified, rss_l, cpu_l = l_rep.get(
-                                timeout=600
-                            )
-                        except queue.Empty:
-                            raise RuntimeError(
-                                f"bench row {transport}/{n}/{mode} timed out"
-                            ) from None
-                        # from the moment both sides were ready (send() called and the
-                        # receiver created) to wait() returning
-                        lat = [
-                            done[r] - max(sent[r], created[r])
-                            for r, _ in rooms
-                            if r in done and r in sent and r in created
-                        ]
-                        span = max(done.values()) - min(sent.values()) if done else float("nan")
-                        nbytes = n * schema.token_bytes
-                        gbps = nbytes * len(done) / span / 1e9
-                        rows.append(
-                            BenchRow(
-                                transport=transport,
-                                tokens=n,
-                                mode=mode,
-                                rooms=k,
-                                nbytes_per_room=nbytes,
-                                gbps=round(gbps, 3),
-                                raw_gbps=round(raw, 3),
-                                ratio_to_raw=round(gbps / raw, 3) if raw else float("nan"),
-                                rooms_per_s=round(len(done) / span, 1),
-                                p50_ms=round(_pct(lat, 50) * 1e3, 3),
-                                p99_ms=round(_pct(lat, 99) * 1e3, 3),
-                                raw_p50_ms=round(nbytes / (raw * 1e9) * 1e3, 3)
-                                if raw
-                                else float("nan"),
-                                resumes_per_room=round(resumes / max(1, len(done)), 2),
-                                rss_encoder_mb=round(rss_e, 1),
-                                rss_language_mb=round(rss_l, 1),
-                                cpu_ms_per_room_encoder=round(cpu_e / k * 1e3, 3),
-                                cpu_ms_per_room_language=round(cpu_l / k * 1e3, 3),
-                                verified=bool(verified) and len(done) == k,
-                                device=device or "host",
-                                api="one-copy" if one_copy else "copying",
-                            )
+                raws: dict[int, float] = {}
+                plan = [(n, mode, window, rooms_for(n)) for n in sizes for mode in modes]
+                if latency_probes:
+                    # one room at a time: the latency of a room on an idle
+                    # pipeline, and what resuming adds to it
+                    plan += [(n, m, 1, min(r, rooms_for(n))) for n, m, r in _probes(sizes, modes)]
+                for n, mode, w, k in plan:
+                    if n not in raws:
+                        # the same working set as the rows: the encoder cycles
+                        # through window + 2 rooms of its pool, the language
+                        # side window + 1
+                        raws[n] = raw_gbps(
+                            transport,
+                            n * schema.token_bytes,
+                            device,
+                            src_slots=window + 2,
+                            dst_slots=window + 1,
                         )
+                    rooms = [(room_id + i, n) for i in range(k)]
+                    room_id += k
+                    if progress:
+                        progress(f"{transport} {n} tokens {mode}, window {w}: {k} rooms")
+                    rows.append(
+                        _row(
+                            (e_cmd, e_rep, l_cmd, l_rep),
+                            rooms,
+                            transport=transport,
+                            tokens=n,
+                            mode=mode,
+                            window=w,
+                            raw=raws[n],
+                            token_bytes=schema.token_bytes,
+                            device=device,
+                            one_copy=one_copy,
+                        )
+                    )
             finally:
                 for q in (e_cmd, l_cmd):
                     q.put(("stop",))

@@ -275,7 +275,7 @@ def bench(
     GB/s, the raw limit of that transport measured in this run and their
     ratio, rooms/s, p50/p99 latency and the peak RSS of both processes.
     """
-    from .bench import QUICK_SIZES, SIZES, plot, rows_json, run_bench
+    from .bench import QUICK_SIZES, SIZES, _probes, plot, rows_json, run_bench
 
     chosen = transports or ("shm", "tcp", "mooncake")
     sizes = QUICK_SIZES if quick else SIZES
@@ -290,7 +290,7 @@ def bench(
         return max(16, min(3000, int(3e9 // (n * token_bytes))))
 
     console = Console(stderr=as_json)
-    total = len(chosen) * len(sizes) * len(modes)
+    total = len(chosen) * (len(sizes) * len(modes) + len(_probes(sizes, modes)))
     with Progress(
         TextColumn("[bold]bench"),
         BarColumn(),
@@ -338,6 +338,7 @@ def bench(
         "transport",
         "tokens",
         "mode",
+        "window",
         "rooms",
         "GB/s",
         "raw GB/s",
@@ -355,6 +356,7 @@ def bench(
             r.transport,
             str(r.tokens),
             r.mode,
+            str(r.window),
             str(r.rooms),
             f"{r.gbps:.2f}",
             f"{r.raw_gbps:.2f}",
@@ -367,8 +369,33 @@ def bench(
             "yes" if r.verified else "NO",
         )
     console.print(table)
+    for line in _bench_summary(rows, extras["zmq_rtt_ms"]):
+        console.print(line)
     if not all(r.verified for r in rows):
         raise SystemExit(1)
+
+
+def _bench_summary(rows: list[Any], rtt_ms: float) -> list[str]:
+    """The targets' derived figures, per transport, from the one-in-flight rows."""
+    out = []
+    for t in dict.fromkeys(r.transport for r in rows):
+        probes = {(r.tokens, r.mode): r for r in rows if r.transport == t and r.window == 1}
+        if not probes:
+            continue
+        small = min(n for n, _ in probes)
+        parts = [
+            f"{t}, one room in flight: {small} tokens p50 {probes[(small, 'exact')].p50_ms:.2f} ms "
+            f"({probes[(small, 'exact')].p50_ms / rtt_ms:.1f}x the ZeroMQ round trip)"
+        ]
+        big = [n for n, m in probes if m == "resume"]
+        if big and (big[0], "exact") in probes:
+            ex, rs = probes[(big[0], "exact")], probes[(big[0], "resume")]
+            parts.append(
+                f"{big[0]} tokens resumed / exact p50 {rs.p50_ms:.2f} / {ex.p50_ms:.2f} ms "
+                f"= {rs.p50_ms / ex.p50_ms:.2f}x"
+            )
+        out.append("; ".join(parts))
+    return out
 
 
 def _config_options(role: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

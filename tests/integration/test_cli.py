@@ -75,11 +75,13 @@ def test_cli_bench_quick_json_and_plot(tmp_path):
     import json
 
     rows = json.loads(p.stdout)
-    assert {(r["transport"], r["tokens"], r["mode"]) for r in rows} == {
-        (t, n, m)
+    assert {(r["transport"], r["tokens"], r["mode"], r["window"]) for r in rows} == {
+        (t, n, m, w)
         for t in ("shm", "tcp", "mooncake")
         for n in (64, 2000)
         for m in ("exact", "resume")
+        for w in (8, 1)
+        if w == 8 or n == 2000 or m == "exact"  # one-in-flight probes
     }
     for r in rows:
         for key in (
