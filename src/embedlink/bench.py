@@ -70,6 +70,8 @@ class BenchRow:
     api: str = "one-copy"
     #: rooms in flight (1: a latency probe on an idle pipeline)
     window: int = 8
+    #: p50 of a 100-byte ZeroMQ round trip on loopback, measured in this run
+    zmq_rtt_ms: float = float("nan")
 
 
 def _cpu_s() -> float:
@@ -78,6 +80,16 @@ def _cpu_s() -> float:
 
 
 def _rss_mb() -> float:
+    """Peak resident set of this process, MB. ``VmHWM`` where Linux has it:
+    ``ru_maxrss`` survives fork and exec, so a spawned worker would report its
+    parent's peak (the raw baselines' buffers) instead of its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -504,6 +516,7 @@ def _row(
     token_bytes: int,
     device: str | None,
     one_copy: bool,
+    zmq_rtt_ms: float,
 ) -> BenchRow:
     """Run one row through the two worker processes and summarise it."""
     e_cmd, e_rep, l_cmd, l_rep = queues
@@ -547,6 +560,7 @@ def _row(
         device=device or "host",
         api="one-copy" if one_copy else "copying",
         window=window,
+        zmq_rtt_ms=round(zmq_rtt_ms, 4),
     )
 
 
@@ -575,6 +589,13 @@ def run_bench(
     ctx = mp.get_context("spawn")
     rows: list[BenchRow] = []
     extras = {"zmq_rtt_ms": zmq_round_trip_ms()}
+    if "shm" in transports:
+        # for reference: the same memcpy on one buffer, hot in the cache (what a
+        # naive baseline reports; the rows' limit cycles through pool-sized
+        # buffers, as the transport does)
+        hot = 2000 if 2000 in sizes else max(sizes)
+        extras["memcpy_hot_gbps"] = raw_memcpy_gbps(hot * schema.token_bytes)
+        extras["memcpy_hot_tokens"] = float(hot)
     max_tokens = max(sizes)
     per_room_blocks = -(-max_tokens // block_size)
     room_id = 0
@@ -650,6 +671,7 @@ def run_bench(
                             token_bytes=schema.token_bytes,
                             device=device,
                             one_copy=one_copy,
+                            zmq_rtt_ms=extras["zmq_rtt_ms"],
                         )
                     )
             finally:

@@ -327,7 +327,16 @@ def bench(
             console.print(
                 "[yellow]matplotlib is not installed: pip install 'embedlink[bench]' for --plot"
             )
+    summary = _bench_summary(rows, extras["zmq_rtt_ms"])
+    if "memcpy_hot_gbps" in extras:
+        summary.append(
+            f"shm's raw limit is a memcpy cycling through pool-sized buffers, as the rows do; "
+            f"one {int(extras['memcpy_hot_tokens'])}-token buffer copied over and over, hot in "
+            f"the cache, runs at {extras['memcpy_hot_gbps']:.2f} GB/s"
+        )
     if as_json:
+        for line in summary:  # on stderr, beside the progress bar
+            console.print(line)
         click.echo(rows_json(rows))
         return
     table = Table(
@@ -369,7 +378,7 @@ def bench(
             "yes" if r.verified else "NO",
         )
     console.print(table)
-    for line in _bench_summary(rows, extras["zmq_rtt_ms"]):
+    for line in summary:
         console.print(line)
     if not all(r.verified for r in rows):
         raise SystemExit(1)

@@ -75,6 +75,8 @@ class _Peer:
     last_seen: float = field(default_factory=time.monotonic)
     #: the peer's own writer threads, when its transport limits concurrent writes
     executor: ThreadPoolExecutor | None = None
+    #: heartbeat intervals of the current silence already counted as misses
+    misses: int = 0
 
     def close_writer(self) -> None:
         if self.writer is not None:
@@ -758,7 +760,15 @@ class EncoderEndpoint:
         free their blocks; the session is refused until it registers again."""
         limit = self.heartbeat_interval * self.heartbeat_misses
         for peer in list(self._peers.values()):
-            if peer.refused is not None or now - peer.last_seen <= limit:
+            if peer.refused is not None:
+                continue
+            silent = int((now - peer.last_seen) // self.heartbeat_interval)
+            if silent == 0:
+                peer.misses = 0
+            elif silent > peer.misses:
+                self.metrics.heartbeat_misses.labels("encoder").inc(silent - peer.misses)
+                peer.misses = silent
+            if now - peer.last_seen <= limit:
                 continue
             reason = f"no heartbeat from {peer.session} for {now - peer.last_seen:.1f}s"
             peer.refused = f"session declared dead ({reason}); register again"

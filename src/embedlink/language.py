@@ -765,6 +765,9 @@ class LanguageEndpoint:
                 self._zombies = {k: v for k, v in self._zombies.items() if v.encoder is not enc}
                 continue
             if now - enc.last_ping >= self.heartbeat_interval:
+                if enc.last_ping and enc.last_seen < enc.last_ping:
+                    # nothing heard since the previous ping: a miss
+                    self.metrics.heartbeat_misses.labels("language").inc()
                 enc.last_ping = now
                 enc.seq += 1
                 enc.sock.send(

@@ -99,6 +99,12 @@ class EndpointMetrics:
             ["side"],
             registry=r,
         )
+        self.heartbeat_misses = Counter(
+            "embedlink_heartbeat_misses",
+            "Heartbeat intervals a peer stayed silent through",
+            ["side"],
+            registry=r,
+        )
         self.dead_peers = Counter(
             "embedlink_heartbeat_dead_peers",
             "Peers declared dead after missed heartbeats",

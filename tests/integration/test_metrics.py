@@ -102,13 +102,16 @@ def test_status_shows_rooms_pool_and_peers(boot):
         assert rx.poll() < 2
         # the receiver's reservation and the request are visible before any data
         deadline = time.monotonic() + 10
-        while lang.status()["rooms"]["WaitingForInput"] != 1:
+        while (
+            lang.status()["rooms"]["WaitingForInput"] != 1
+            or enc.status()["rooms"]["WaitingForInput"] != 1
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.02)
         e_snap = json.loads(scrape(f"http://{enc.metrics_address}/status"))
         l_snap = json.loads(scrape(f"http://{lang.metrics_address}/status"))
         assert e_snap["side"] == "encoder" and l_snap["side"] == "language"
-        assert sum(e_snap["rooms"].values()) == 1
+        assert e_snap["rooms"]["WaitingForInput"] == 1
         assert l_snap["rooms"]["WaitingForInput"] == 1
         assert l_snap["pool"]["blocks_used"] == 2  # 256 tokens in 128-token blocks
         assert [p["encoder"] for p in l_snap["peers"]] == [enc.address]
@@ -126,3 +129,31 @@ def test_status_shows_rooms_pool_and_peers(boot):
             json.loads(scrape(f"http://{boot.address}/status"))["ranks"][0]["status_address"]
             == enc.metrics_address
         )
+
+
+def test_heartbeat_misses_and_dead_peers_are_counted():
+    """An encoder that accepts the connection but never answers: the language
+    side counts each silent heartbeat interval, then the dead peer."""
+    import zmq
+
+    ctx = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with LanguageEndpoint(
+            SCHEMA,
+            num_blocks=16,
+            transports=("tcp",),
+            metrics_port=0,
+            heartbeat_interval=0.1,
+            heartbeat_misses=4,
+        ) as lang:
+            rx = lang.receiver(encoder=f"127.0.0.1:{port}", room=1)
+            with pytest.raises(Exception, match="no answer from encoder"):
+                rx.wait(timeout=10)
+            text = scrape(f"http://{lang.metrics_address}/metrics")
+            assert value(text, "embedlink_heartbeat_misses_total", side="language") >= 2
+            assert value(text, "embedlink_heartbeat_dead_peers_total", side="language") == 1
+    finally:
+        silent.close(0)
+        ctx.term()
