@@ -695,6 +695,9 @@ def plot(rows: Sequence[BenchRow], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # the loaded rows only (one-in-flight probes are about latency)
+    widest = max((r.window for r in rows), default=0)
+    rows = [r for r in rows if r.window == widest]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for t, m in sorted({(r.transport, r.mode) for r in rows}):
         sel = sorted((r for r in rows if r.transport == t and r.mode == m), key=lambda r: r.tokens)
