@@ -421,24 +421,13 @@ class Config:
         """Keyword arguments for :class:`~embedlink.EncoderEndpoint` or
         :class:`~embedlink.LanguageEndpoint` (by :attr:`role`), schema excluded."""
         v = self.values
-        kw: dict[str, Any] = dict(
-            num_blocks=v["num_blocks"],
-            block_size=v["block_size"],
-            transports=tuple(v["transports"]),
-            tp_rank=v["tp_rank"],
-            tp_size=v["tp_size"],
-            dp_size=v["dp_size"],
-            host=v["host"],
-            room_timeout=v["room_timeout"],
-            bootstrap_timeout=v["bootstrap_timeout"],
-            heartbeat_interval=v["heartbeat_interval"],
-            heartbeat_misses=v["heartbeat_misses"],
-            room_ttl=v["room_ttl"],
-            auth_secret=v["auth_secret"],
-            metrics_port=v["metrics_port"],
-            device=v["device"],
-            transport_options=self.transport_options(),
-        )
+        shared = (
+            "num_blocks", "block_size", "tp_rank", "tp_size", "dp_size", "host",
+            "room_timeout", "bootstrap_timeout", "heartbeat_interval", "heartbeat_misses",
+            "room_ttl", "auth_secret", "metrics_port", "device",
+        )  # fmt: skip
+        kw: dict[str, Any] = {name: v[name] for name in shared}
+        kw.update(transports=tuple(v["transports"]), transport_options=self.transport_options())
         if self.role == "encoder":
             kw.update(
                 bootstrap=v["bootstrap"],

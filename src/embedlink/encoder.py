@@ -29,7 +29,7 @@ from .auth import Authenticator
 from .bootstrap import BootstrapClient, RouteInfo
 from .embedding import Embedding, to_pool_arrays
 from .memory import BlockAllocator, BufferPool, pool_status
-from .metrics import EndpointMetrics, MetricsExporter
+from .metrics import EndpointMetrics, MetricsExporter, rooms_by_status
 from .protocol import (
     AUX_FIELD,
     Abort,
@@ -459,9 +459,7 @@ class EncoderEndpoint:
     @property
     def metrics_address(self) -> str | None:
         """``host:port`` serving ``/metrics`` and ``/status`` (None without ``metrics_port``)."""
-        if self._exporter is None:
-            return None
-        return f"{self.advertise_host}:{self._exporter.port}"
+        return None if self._exporter is None else self._exporter.address(self.advertise_host)
 
     def status(self) -> dict[str, Any]:
         """A JSON-ready snapshot: live rooms by status, pool use, peers, counters.
@@ -473,9 +471,7 @@ class EncoderEndpoint:
 
     def _snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
-        rooms = {st.name: 0 for st in Status}
-        for r in self._rooms.values():
-            rooms[r.status.name] += 1
+        rooms = rooms_by_status(r.status for r in self._rooms.values())
         return {
             "side": "encoder",
             "address": self.address,

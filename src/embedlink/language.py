@@ -38,7 +38,7 @@ from .auth import Authenticator
 from .bootstrap import BootstrapClient
 from .embedding import Embedding, from_pool_arrays
 from .memory import BlockAllocator, BufferPool, pool_status
-from .metrics import EndpointMetrics, MetricsExporter
+from .metrics import EndpointMetrics, MetricsExporter, rooms_by_status
 from .protocol import (
     AUX_FIELD,
     Abort,
@@ -386,9 +386,7 @@ class LanguageEndpoint:
     @property
     def metrics_address(self) -> str | None:
         """``host:port`` serving ``/metrics`` and ``/status`` (None without ``metrics_port``)."""
-        if self._exporter is None:
-            return None
-        return f"{self.host}:{self._exporter.port}"
+        return None if self._exporter is None else self._exporter.address(self.host)
 
     def status(self) -> dict[str, Any]:
         """A JSON-ready snapshot: live rooms by status, pool use, encoders, counters.
@@ -400,9 +398,7 @@ class LanguageEndpoint:
 
     def _snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
-        rooms = {st.name: 0 for st in Status}
-        for live in self._rooms.values():
-            rooms[live.room.status.name] += 1
+        rooms = rooms_by_status(live.room.status for live in self._rooms.values())
         limit = self.heartbeat_interval * self.heartbeat_misses
         return {
             "side": "language",

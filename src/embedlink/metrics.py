@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -29,7 +29,7 @@ from prometheus_client import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EndpointMetrics", "MetricsExporter", "render"]
+__all__ = ["EndpointMetrics", "MetricsExporter", "render", "rooms_by_status"]
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -195,9 +195,23 @@ class MetricsExporter:
         )
         self._thread.start()
 
+    def address(self, host: str) -> str:
+        """``host:port`` of this server as reached through ``host``."""
+        return f"{host}:{self.port}"
+
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def rooms_by_status(statuses: Iterable[Any]) -> dict[str, int]:
+    """``{status name: count}`` over every :class:`~embedlink.Status`, zeros included."""
+    from .protocol import Status
+
+    counts = {st.name: 0 for st in Status}
+    for st in statuses:
+        counts[st.name] += 1
+    return counts
 
 
 def render(registry: CollectorRegistry) -> bytes:
