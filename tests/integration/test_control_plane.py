@@ -1,6 +1,8 @@
 """The encoder's control plane against a hand-driven peer: wrong resumes, junk
 and unknown rooms fail only what they name."""
 
+import time
+
 import pytest
 import zmq
 
@@ -155,3 +157,37 @@ def test_duplicate_resume_is_ignored_over_the_wire(setup):
     with pytest.raises(zmq.Again):
         sock.recv()  # the duplicate produced no second write or status
     assert enc.stats.ignored_inputs >= 1
+
+
+def test_on_request_announces_each_unknown_room_once_and_survives_a_raising_callback(boot):
+    """``on_request`` is told about a room a language rank asked for before any
+    sender existed, once; a callback that raises is logged, the loop goes on
+    and the room is still served when its sender comes."""
+    seen = []
+
+    def on_request(room):
+        seen.append(room)
+        if room == 2:
+            raise RuntimeError("callback bug")
+
+    with (
+        EncoderEndpoint(
+            SCHEMA,
+            bootstrap=boot.address,
+            num_blocks=32,
+            transports=("tcp",),
+            on_request=on_request,
+        ) as enc,
+        LanguageEndpoint(SCHEMA, num_blocks=32, transports=("tcp",)) as lang,
+    ):
+        rxs = [lang.receiver(bootstrap=boot.address, room=r) for r in (1, 2)]
+        deadline = time.monotonic() + 10
+        while len(seen) < 2:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.01)
+        for r in (1, 2):
+            enc.sender(r).send(make_embedding(SCHEMA, 300, 0, r))
+        for r, rx in zip((1, 2), rxs, strict=True):
+            assert same_embedding(rx.wait(timeout=20), make_embedding(SCHEMA, 300, 0, r))
+        assert sorted(seen) == [1, 2]
+        assert enc._loop.errors == 0
