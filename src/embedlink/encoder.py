@@ -261,7 +261,16 @@ class Sender:
 
 
 class EncoderEndpoint:
-    """The sending side of embedlink for one encoder rank."""
+    """The sending side of embedlink for one encoder rank.
+
+    ``on_request(room)`` is called on the endpoint's loop thread (it must not
+    block) the first time a language rank asks for a room that has no
+    :class:`Sender` yet: an encoder that produces embeddings on demand learns
+    there what to produce. ``bootstrap_timeout`` bounds how long a room may
+    stay ``Bootstrapping`` (no request from a language rank yet); unset, the
+    room timeout applies. The other settings are those of
+    ``docs/configuration.md``.
+    """
 
     def __init__(
         self,

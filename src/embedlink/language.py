@@ -180,7 +180,14 @@ class Receiver:
 
 
 class LanguageEndpoint:
-    """The receiving side of embedlink for one language (prefill) rank."""
+    """The receiving side of embedlink for one language (prefill) rank.
+
+    ``zero_copy=True`` returns results as views into the pool (valid until
+    ``clear()``), resumed rooms included when the pool has a run long enough
+    for the whole embedding. ``bootstrap_timeout`` bounds how long a room may
+    stay ``Bootstrapping``; unset, the room timeout applies. The other settings
+    are those of ``docs/configuration.md``.
+    """
 
     def __init__(
         self,
