@@ -246,8 +246,9 @@ def bench_rows() -> dict[str, Any]:
                 window=4,
                 hidden_size=HIDDEN,
                 device=DEVICE,
+                latency_probes=False,
             )
-            rows += [asdict(x) | {"window": 4} for x in r]
+            rows += [asdict(x) for x in r]
         except Exception as exc:
             rows.append({"transport": transport, "error": f"{type(exc).__name__}: {exc}"})
     # latency, one room at a time
@@ -261,8 +262,9 @@ def bench_rows() -> dict[str, Any]:
                 window=1,
                 hidden_size=HIDDEN,
                 device=DEVICE,
+                latency_probes=False,
             )
-            rows += [asdict(x) | {"window": 1} for x in r]
+            rows += [asdict(x) for x in r]
         except Exception as exc:
             rows.append(
                 {"transport": transport, "window": 1, "error": f"{type(exc).__name__}: {exc}"}
