@@ -335,14 +335,21 @@ def test_send_waits_for_blocks_then_times_out(boot):
         assert "no free encoder blocks" in tx.failure_reason
 
 
+@pytest.mark.parametrize("zero_copy", [False, True])
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_torch_cpu_pools_end_to_end(boot, transport):
+def test_torch_cpu_pools_end_to_end(boot, transport, zero_copy):
     torch = pytest.importorskip("torch", reason="torch not installed (EMBEDLINK_TEST_TORCH=0)")
     with (
         EncoderEndpoint(
             SCHEMA, bootstrap=boot.address, num_blocks=64, transports=(transport,), device="cpu"
         ) as enc,
-        LanguageEndpoint(SCHEMA, num_blocks=16, transports=(transport,), device="cpu") as lang,
+        LanguageEndpoint(
+            SCHEMA,
+            num_blocks=40 if zero_copy else 16,  # 16: the 3000-token room resumes twice
+            transports=(transport,),
+            device="cpu",
+            zero_copy=zero_copy,
+        ) as lang,
     ):
         for room, n in ((1, 500), (2, 3000)):
             want = make_embedding(SCHEMA, n, 0, room)
@@ -352,6 +359,9 @@ def test_torch_cpu_pools_end_to_end(boot, transport):
             assert isinstance(got.embedding, torch.Tensor)
             assert same_embedding(got, want)
             assert rx.history[-1] == (S.Success, n)
+            base = lang.pool.tensor.data_ptr()
+            inside = base <= got.embedding.data_ptr() < base + lang.pool.nbytes
+            assert inside == zero_copy  # resumed zero-copy rooms are views too
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
