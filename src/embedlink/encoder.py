@@ -707,11 +707,11 @@ class EncoderEndpoint:
                 limit = peer.writer.inline_max_bytes if peer and peer.writer else 0
                 if a.plan.nbytes <= limit:
                     # A local copy this small costs less than two thread hand-offs.
-                    self._write(room, a, inline=True)
+                    self._write(room, a, peer, inline=True)
                 elif peer is not None and peer.executor is not None:
-                    peer.executor.submit(self._write, room, a)
+                    peer.executor.submit(self._write, room, a, peer)
                 else:
-                    self._workers.submit(self._write, room, a)
+                    self._workers.submit(self._write, room, a, peer)
             elif isinstance(a, FreeBlocks):
                 self.allocator.free(a.blocks)
                 self._orphans.discard(room)
@@ -732,17 +732,22 @@ class EncoderEndpoint:
                 self.metrics.ignored.labels("encoder").inc()
                 log.debug("encoder: %s", a.reason)
 
-    def _write(self, room: SenderRoom, w: WriteChunk, inline: bool = False) -> None:
+    def _write(
+        self, room: SenderRoom, w: WriteChunk, peer: _Peer | None, inline: bool = False
+    ) -> None:
         """Move the bytes, then report to the loop (directly when ``inline``,
-        i.e. already on the loop thread)."""
-        peer = self._peers.get(w.dst)
+        i.e. already on the loop thread). ``peer`` is the session as it was
+        when the write was planned: if it has died or registered again since,
+        its writer is closed and the write fails, rather than landing in a pool
+        whose blocks may have been handed to other rooms."""
         ok, reason = True, None
         t0 = time.perf_counter()
-        if peer is None or peer.writer is None:
+        writer = None if peer is None else peer.writer  # the loop may drop it meanwhile
+        if writer is None:
             ok, reason = False, f"no data-plane connection to {w.dst}"
         else:
             try:
-                peer.writer.write(w.plan.copies, self.pool, timeout=self.room_timeout)
+                writer.write(w.plan.copies, self.pool, timeout=self.room_timeout)
             except TransportError as exc:
                 ok, reason = False, str(exc)
             except Exception as exc:  # a bug in a backend must still end the room
