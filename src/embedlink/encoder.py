@@ -590,13 +590,15 @@ class EncoderEndpoint:
         peer.identity = identity
         peer.last_seen = now
         first = False
-        with self._lock:  # against sender() adding the room meanwhile
-            room = self._rooms.get(msg.room)
-            if room is None and isinstance(msg, TransferRequest | Abort):
-                # sender(room) may come later: keep it (at most a room timeout)
-                early = self._early.setdefault(msg.room, [])
-                first = not any(isinstance(m, TransferRequest) for _, _, m in early)
-                early.append((now, identity, msg))
+        room = self._rooms.get(msg.room)  # the common case: the room exists, no lock
+        if room is None and isinstance(msg, TransferRequest | Abort):
+            with self._lock:  # against sender() adding the room meanwhile
+                room = self._rooms.get(msg.room)
+                if room is None:
+                    # sender(room) may come later: keep it (at most a room timeout)
+                    early = self._early.setdefault(msg.room, [])
+                    first = not any(isinstance(m, TransferRequest) for _, _, m in early)
+                    early.append((now, identity, msg))
         if room is None:
             if first and isinstance(msg, TransferRequest) and self._on_request is not None:
                 self._announce(msg.room)

@@ -133,9 +133,12 @@ def _wait_for_encoder(bootstrap: str, auth_secret: str | None, timeout: float) -
             client.sizes()
             return
         except BootstrapError as exc:
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise BootstrapError(f"no encoder registered within {timeout:g}s: {exc}") from None
-            time.sleep(0.2)
+            # the encoder is another process reached over HTTP: nothing to
+            # wait on but the next poll
+            time.sleep(min(0.2, left))
 
 
 def _reap(senders: dict[int, Any]) -> None:
