@@ -366,9 +366,9 @@ class BlockAllocator:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
-                for s in self._starts:
-                    if self._lens[s] >= num_blocks:
-                        return self._take(s, num_blocks)
+                got = self._first_fit_locked(num_blocks)
+                if got is not None:
+                    return got
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None
@@ -379,10 +379,7 @@ class BlockAllocator:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         with self._cond:
-            for s in self._starts:
-                if self._lens[s] >= num_blocks:
-                    return self._take(s, num_blocks)
-            return None
+            return self._first_fit_locked(num_blocks)
 
     def alloc_at(self, start: BlockId, num_blocks: int) -> list[BlockId] | None:
         """Exactly blocks ``[start, start + num_blocks)`` when all are free
@@ -398,19 +395,11 @@ class BlockAllocator:
             s = self._starts[i]
             if s + self._lens[s] < start + num_blocks:
                 return None
-            # split the free extent [s, s + len) around the taken range
-            length = self._lens.pop(s)
-            del self._starts[i]
-            if start > s:
-                self._starts.insert(i, s)
+            if start > s:  # split the extent so that one starts at ``start``
+                self._lens[start] = s + self._lens[s] - start
                 self._lens[s] = start - s
-            end = start + num_blocks
-            if s + length > end:
-                bisect.insort(self._starts, end)
-                self._lens[end] = s + length - end
-            got = list(range(start, end))
-            self._used.update(got)
-            return got
+                self._starts.insert(i + 1, start)
+            return self._take(start, num_blocks)
 
     def wait_all_free(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until every block is free; True if so."""
@@ -454,15 +443,22 @@ class BlockAllocator:
     def _alloc_locked(self, n: int) -> list[BlockId] | None:
         if self.num_blocks - len(self._used) < n:
             return None
-        for s in self._starts:
-            if self._lens[s] >= n:
-                return self._take(s, n)
+        got = self._first_fit_locked(n)
+        if got is not None:
+            return got
         out: list[BlockId] = []
         for s in sorted(self._starts, key=lambda x: -self._lens[x]):
             if len(out) == n:
                 break
             out.extend(self._take(s, min(self._lens[s], n - len(out))))
         return out
+
+    def _first_fit_locked(self, n: int) -> list[BlockId] | None:
+        """The first free run of ``n`` blocks, taken, or ``None``."""
+        for s in self._starts:
+            if self._lens[s] >= n:
+                return self._take(s, n)
+        return None
 
     def _take(self, start: int, n: int) -> list[BlockId]:
         length = self._lens.pop(start)
