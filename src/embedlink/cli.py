@@ -334,6 +334,12 @@ def bench(
             f"one {int(extras['memcpy_hot_tokens'])}-token buffer copied over and over, hot in "
             f"the cache, runs at {extras['memcpy_hot_gbps']:.2f} GB/s"
         )
+    if "mooncake_polled_gbps" in extras:
+        summary.append(
+            f"mooncake's raw limit is the engine's batch_transfer_sync_write; two "
+            f"{int(extras['mooncake_polled_tokens'])}-token writes in flight, polled as the "
+            f"transport does by default, run at {extras['mooncake_polled_gbps']:.2f} GB/s"
+        )
     if as_json:
         for line in summary:  # on stderr, beside the progress bar
             console.print(line)

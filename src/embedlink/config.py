@@ -246,6 +246,16 @@ SETTINGS: tuple[Setting, ...] = (
         "RDMA devices for Mooncake, e.g. mlx5_0,mlx5_1",
         _ENDPOINTS,
     ),
+    Setting(
+        "mooncake_wait",
+        "str",
+        "auto",
+        "how the encoder waits for a Mooncake write: poll (sleeps between looks, two writes "
+        "per peer at once), spin (the engine's synchronous call, which keeps a core busy) "
+        "or auto (poll over tcp, spin over rdma)",
+        _ENC,
+        check=_choice("auto", "poll", "spin"),
+    ),
     # -- parallelism
     Setting(
         "tp_rank", "int", 0, "this rank's tensor-parallel rank", _ENDPOINTS, check=_non_negative
@@ -415,6 +425,8 @@ class Config:
         opts = {"protocol": str(self.values["mooncake_protocol"])}
         if self.values["mooncake_device_name"]:
             opts["device_name"] = str(self.values["mooncake_device_name"])
+        if "mooncake_wait" in self.values:
+            opts["wait"] = str(self.values["mooncake_wait"])
         return {"mooncake": opts}
 
     def endpoint_kwargs(self) -> dict[str, Any]:

@@ -24,16 +24,24 @@ def src_pool():
     return p
 
 
-@pytest.fixture(params=["tcp", "shm", "mooncake"])
+@pytest.fixture(params=["tcp", "shm", "mooncake", "mooncake:spin"])
 def endpoint(request):
     shared = create_shared_pool(SCHEMA, 8, 4)
-    backend = get_backend(request.param)
+    name, _, wait = request.param.partition(":")
+    backend = get_backend(name)
     server = backend.server(shared.pool, host="127.0.0.1").start()
     offer = server.offer()
     assert backend.reachable(offer, host_id=host_id())
     writer = backend.connect(
-        offer, regions=regions_of(shared.pool.layout), field_names=NAMES, timeout=5
+        offer,
+        regions=regions_of(shared.pool.layout),
+        field_names=NAMES,
+        timeout=5,
+        options={"wait": wait} if wait else None,
     )
+    if name == "mooncake":
+        assert writer.wait == (wait or "poll")  # auto picks poll over tcp
+        assert writer.max_concurrent_writes == (2 if writer.wait == "poll" else 1)
     yield shared.pool, writer, server
     writer.close()
     server.close()
@@ -138,3 +146,95 @@ def test_shm_not_offered_across_hosts():
 def test_unknown_transport_name():
     with pytest.raises(ValueError, match="unknown transport"):
         get_backend("carrier-pigeon")
+
+
+# -- mooncake: failures of the polled wait --------------------------------------
+
+_MC_PEER = """
+import os, sys, numpy as np
+os.environ["MC_LOG_LEVEL"] = "ERROR"
+from mooncake.engine import TransferEngine
+e = TransferEngine()
+assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+buf = np.zeros(int(sys.argv[1]), np.uint8)
+assert e.batch_register_memory([buf.ctypes.data], [buf.nbytes]) == 0
+print(f"127.0.0.1:{e.get_rpc_port()} {buf.ctypes.data}", flush=True)
+sys.stdin.read()
+"""
+
+
+def _mooncake_writer(session, addr, nbytes, wait="poll"):
+    from embedlink.transports.mooncake import MooncakeWriter, local_engine
+
+    return MooncakeWriter(
+        local_engine("127.0.0.1"), session, {"embedding": addr}, {"embedding": nbytes}, wait=wait
+    )
+
+
+def _big_src(nbytes):
+    p = BufferPool(BufferSchema(hidden_size=nbytes // 2 // 16), 16, 1)
+    p.backing[:] = 7
+    return p
+
+
+def test_mooncake_write_to_a_stopped_peer_times_out_and_the_writer_recovers():
+    """A peer that stops reading (SIGSTOP) leaves the requests pending: the
+    write fails with a timeout naming what was pending, within its deadline;
+    the writer still works for a peer that answers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("mooncake.engine")
+    nbytes = 64 << 20  # far more than the socket buffers hold
+    peer = subprocess.Popen(
+        [sys.executable, "-c", _MC_PEER, str(nbytes)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        session, addr = peer.stdout.readline().split()
+        src = _big_src(nbytes)
+        w = _mooncake_writer(session, int(addr), nbytes)
+        copies = [Copy("embedding", 0, 0, nbytes)]
+        w.write(copies, src, timeout=20)  # handshake, and the peer is sound
+        os.kill(peer.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(TransportError, match=r"timed out after 1 s with 1 of 1 requests"):
+            w.write(copies, src, timeout=1)
+        assert time.monotonic() - t0 < 10
+        assert len(w._abandoned) == 1
+        os.kill(peer.pid, signal.SIGCONT)
+        w.write(copies, src, timeout=20)  # looks at the abandoned one on the way
+        w.close()
+    finally:
+        os.kill(peer.pid, signal.SIGCONT)
+        peer.kill()
+        peer.wait(10)
+
+
+@pytest.mark.parametrize("wait", ["poll", "spin"])
+def test_mooncake_write_the_engine_refuses_is_a_transport_error(wait):
+    """A destination the peer never registered: the engine fails the request;
+    the room gets a TransportError with the code, never a hang or a -1."""
+    pytest.importorskip("mooncake.engine")
+    shared = create_shared_pool(SCHEMA, 8, 4)
+    server = get_backend("mooncake").server(shared.pool, host="127.0.0.1").start()
+    try:
+        session = server.offer().params["session"]
+        w = _mooncake_writer(session, 4096, 1 << 20, wait=wait)  # not registered there
+        with pytest.raises(TransportError, match=r"failed|returned -1"):
+            w.write([Copy("embedding", 0, 0, 1024)], _big_src(1 << 20), timeout=5)
+        w.close()
+    finally:
+        server.close()
+        shared.close()
+
+
+def test_mooncake_unknown_wait_option_is_refused():
+    pytest.importorskip("mooncake.engine")
+    with pytest.raises(TransportError, match="wait='busy' is not one of auto, poll, spin"):
+        _mooncake_writer("127.0.0.1:1", 0, 1, wait="busy")

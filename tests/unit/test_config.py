@@ -189,3 +189,19 @@ def test_bootstrap_timeout_bounds_only_bootstrapping():
     assert room.status is Status.WaitingForInput  # the room timeout (60 s) applies now
     room.tick(61.5)
     assert room.status is Status.Failed and "60s" in (room.failure_reason or "")
+
+
+def test_mooncake_settings_reach_the_transport_options():
+    enc = load(
+        "encoder",
+        {"mooncake_wait": "spin"},
+        env={"EMBEDLINK_MOONCAKE_PROTOCOL": "rdma", "EMBEDLINK_MOONCAKE_DEVICE_NAME": "mlx5_0"},
+    )
+    assert enc.endpoint_kwargs()["transport_options"] == {
+        "mooncake": {"protocol": "rdma", "device_name": "mlx5_0", "wait": "spin"}
+    }
+    # the wait is the encoder's (the writing side); the language side has none
+    assert load("language", {}, env={}).transport_options() == {"mooncake": {"protocol": "tcp"}}
+    assert load("encoder", {}, env={})["mooncake_wait"] == "auto"
+    with pytest.raises(ConfigError, match="mooncake_wait.*EMBEDLINK_MOONCAKE_WAIT"):
+        load("encoder", {}, env={"EMBEDLINK_MOONCAKE_WAIT": "busy"})

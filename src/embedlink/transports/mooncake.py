@@ -3,18 +3,38 @@
 Uses the real engine (``mooncake.engine.TransferEngine``) in ``P2PHANDSHAKE``
 metadata mode (no etcd): each engine listens on its own RPC port and peers
 address it as ``host:rpc_port`` (its *session id*, carried in ``Register``).
-Each pool is registered once with ``batch_register_memory``; each plan is one
-``batch_transfer_sync_write`` over its merged copies. The engine bounds that
-call by ``MC_TRANSFER_TIMEOUT`` (seconds, at least 5; embedlink sets it from the
-room timeout when unset), and any non-zero return code becomes a
+Each pool is registered once with ``batch_register_memory``.
+
+How a plan is written depends on ``wait``:
+
+* ``poll`` (what ``auto``, the default, picks for ``tcp``): each merged copy
+  of the plan is submitted at once (``transfer_submit_write``) and their states
+  are polled every 100 us (``transfer_check_status``, which releases the GIL)
+  until all are done or the room's timeout passes. Two plans per peer may be
+  in flight at once. The engine's own synchronous calls spin on the status
+  without pausing: that costs a whole core for the length of every write, and
+  on a small host the engine's worker threads need that core (see
+  docs/performance.md). The Python binding has no non-blocking status for a
+  batch of several requests (``get_batch_transfer_status`` spins until the
+  batch is done; ``transfer_check_status`` reads the first request only), hence
+  one submission per merged copy; a plan has one copy per field when its blocks
+  are contiguous.
+* ``spin``: one ``batch_transfer_sync_write`` over the merged copies, bounded by
+  the engine's ``MC_TRANSFER_TIMEOUT`` (seconds, at least 5; embedlink sets it
+  from the room timeout when unset); what ``auto`` picks for ``rdma``, whose
+  writes end too soon for a poll interval to be small beside them.
+
+A non-zero return code, a failed request or a passed deadline becomes a
 :class:`~embedlink.transports.TransportError` carrying the code: the room
-fails, terminally.
+fails, terminally. After a failure the writer waits (up to the deadline) for
+the plan's other requests to settle, so no byte lands in the peer's pool after
+the room has failed and its blocks may have gone to another room.
 
 Options (``transport_options={"mooncake": {...}}`` on the endpoints, or
 ``EMBEDLINK_MOONCAKE_*`` environment variables): ``protocol`` (``tcp``, the
 default, or ``rdma``), ``device_name`` (RDMA devices, e.g. ``mlx5_0,mlx5_1``),
 ``verbose`` (``1`` shows the engine's own start-up logging, which is quiet by
-default).
+default), ``wait`` (``auto``, the default, ``poll`` or ``spin``; above).
 
 Install: ``pip install 'embedlink[mooncake]'`` on CPU machines
 (``mooncake-transfer-engine-non-cuda``); on GPU machines install
@@ -29,6 +49,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -185,23 +206,64 @@ class MooncakeServer(TransportServer):
             self._engine = None
 
 
+#: How long a polled write sleeps between two looks at its requests: about 1%
+#: of a 14 MB write over TCP, and a few microseconds of CPU per look.
+POLL_INTERVAL = 100e-6
+
+_WAITS = ("poll", "spin")
+
+
+def _wait_mode(wait: str, protocol: str) -> str:
+    """``auto``: ``poll`` over TCP, where a 14 MB write takes milliseconds and
+    the cores are better spent on the engine's threads; ``spin`` otherwise
+    (RDMA finishes such a write in well under a millisecond, where a 100 us
+    poll would be a noticeable share of it)."""
+    if wait == "auto":
+        return "poll" if protocol == "tcp" else "spin"
+    return wait
+
+
+def _submitted(batch_id: int) -> bool:
+    # the binding returns 0, or -1 cast to an unsigned 64-bit id, on failure
+    return 0 < batch_id < (1 << 63)
+
+
 class MooncakeWriter(PeerWriter):
-    """One batched write per plan into a peer's registered pool."""
+    """Writes each plan into a peer's registered pool (``wait``: see the module
+    docstring)."""
 
     name = "mooncake"
-    # The engine splits each write over its own worker threads; concurrent
-    # batches to one peer contend for them (measured on 2 cores: one at a time
-    # moves 2000-token rooms ~1.6x faster than four).
+    # The engine splits each write over its own worker threads. With ``spin``
+    # every write also holds a core while it waits, so concurrent writes to one
+    # peer contend (measured on 2 cores: one at a time moved 2000-token rooms
+    # ~1.6x faster than four). Polled writes leave the cores to the engine, and
+    # two in flight keep its pipeline full between writes (2000-token rooms,
+    # 8 in flight, on 2 cores: ~1.34 GB/s against ~1.07 with one; see
+    # docs/performance.md). Set per instance from ``wait``.
     max_concurrent_writes = 1
 
     def __init__(
-        self, engine: _Engine, session: str, addrs: dict[str, int], regions: dict[str, int]
+        self,
+        engine: _Engine,
+        session: str,
+        addrs: dict[str, int],
+        regions: dict[str, int],
+        wait: str = "poll",
     ) -> None:
+        if wait not in _WAITS:
+            raise TransportUnavailable(
+                f"mooncake: option wait={wait!r} is not one of auto, {', '.join(_WAITS)}"
+            )
         self.engine = engine
         self.session = session
         self.addrs = addrs
         self.regions = regions
+        self.wait = wait
+        self.max_concurrent_writes = 2 if wait == "poll" else 1
         self._sources: set[int] = set()  # source pools this writer registered
+        # requests still pending when their write gave up: looked at again on
+        # later writes so the engine frees them once they end
+        self._abandoned: list[int] = []
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -222,13 +284,69 @@ class MooncakeWriter(PeerWriter):
         srcs = [src.region(c.field)[0] + c.src_offset for c in copies]
         dsts = [self.addrs[c.field] + c.dst_offset for c in copies]
         lens = [c.length for c in copies]
-        rc = self.engine.engine.batch_transfer_sync_write(self.session, srcs, dsts, lens)
-        if rc != 0:
+        if self.wait == "spin":
+            rc = self.engine.engine.batch_transfer_sync_write(self.session, srcs, dsts, lens)
+            if rc != 0:
+                raise TransportError(
+                    f"mooncake: batch_transfer_sync_write to {self.session} returned {rc} "
+                    f"({len(copies)} copies, {sum(lens)} bytes): the peer is unreachable, "
+                    "refused the write or it timed out"
+                )
+            return
+        self._write_polled(srcs, dsts, lens, timeout)
+
+    def _write_polled(
+        self, srcs: list[int], dsts: list[int], lens: list[int], timeout: float
+    ) -> None:
+        eng = self.engine.engine
+        deadline = time.monotonic() + timeout
+        self._reap()
+        pending: list[int] = []
+        problem: str | None = None
+        for s, d, n in zip(srcs, dsts, lens, strict=True):
+            bid = eng.transfer_submit_write(self.session, s, d, n)
+            if not _submitted(bid):
+                problem = f"transfer_submit_write of {n} bytes was refused (returned {bid})"
+                break
+            pending.append(bid)
+        while pending:
+            still = []
+            for bid in pending:
+                rc = eng.transfer_check_status(bid)
+                if rc == 0:
+                    still.append(bid)
+                elif rc != 1 and problem is None:
+                    # -1: failed; -2: the engine's own timeout
+                    problem = f"a request ended with status {rc}"
+            pending = still
+            if not pending:
+                break
+            if time.monotonic() >= deadline:
+                with self._lock:
+                    self._abandoned.extend(pending)
+                raise TransportError(
+                    f"mooncake: write to {self.session} timed out after {timeout:g} s with "
+                    f"{len(pending)} of {len(lens)} requests pending ({sum(lens)} bytes)"
+                    + (f"; {problem}" if problem else "")
+                )
+            time.sleep(POLL_INTERVAL)
+        if problem is not None:
             raise TransportError(
-                f"mooncake: batch_transfer_sync_write to {self.session} returned {rc} "
-                f"({len(copies)} copies, {sum(lens)} bytes): the peer is unreachable, refused the "
-                "write or it timed out"
+                f"mooncake: write to {self.session} failed: {problem} ({len(lens)} requests, "
+                f"{sum(lens)} bytes): the peer is unreachable or refused the write"
             )
+
+    def _reap(self) -> None:
+        """Look again at requests an earlier write gave up on; the engine frees
+        each one that has ended."""
+        if not self._abandoned:
+            return
+        with self._lock:
+            old, self._abandoned = self._abandoned, []
+        left = [b for b in old if self.engine.engine.transfer_check_status(b) == 0]
+        if left:
+            with self._lock:
+                self._abandoned.extend(left)
 
 
 class MooncakeBackend:
@@ -265,7 +383,11 @@ class MooncakeBackend:
         os.environ.setdefault("MC_TRANSFER_TIMEOUT", str(max(5, int(timeout))))
         engine = local_engine(local_host, opts)
         return MooncakeWriter(
-            engine, p["session"], dict(zip(field_names, addrs, strict=True)), regions
+            engine,
+            p["session"],
+            dict(zip(field_names, addrs, strict=True)),
+            regions,
+            wait=_wait_mode(_option(opts, "wait", "auto"), opts["protocol"]),
         )
 
 
