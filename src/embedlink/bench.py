@@ -538,8 +538,27 @@ def _probes(sizes: Sequence[int], modes: Sequence[str]) -> list[tuple[int, str, 
     return out
 
 
+def _reply(q: Any, procs: Sequence[Any], timeout: float, what: str) -> Any:
+    """The next reply on ``q``; a worker that died meanwhile (a crash at start,
+    an exception in a row: its traceback is on stderr) fails the bench at once
+    instead of after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return q.get(timeout=0.5)
+        except queue.Empty:
+            dead = [p for p in procs if not p.is_alive()]
+            if dead:
+                raise RuntimeError(
+                    f"bench {what}: worker {dead[0].name} exited with code {dead[0].exitcode}"
+                ) from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bench {what} timed out after {timeout:g} s") from None
+
+
 def _row(
     queues: tuple[Any, Any, Any, Any],
+    procs: Sequence[Any],
     rooms: list[tuple[int, int]],
     *,
     transport: str,
@@ -557,11 +576,9 @@ def _row(
     k = len(rooms)
     l_cmd.put(("row", rooms, mode == "exact", window))
     e_cmd.put(("row", rooms))
-    try:
-        _, sent, rss_e, cpu_e = e_rep.get(timeout=600)
-        _, done, created, resumes, verified, rss_l, cpu_l = l_rep.get(timeout=600)
-    except queue.Empty:
-        raise RuntimeError(f"bench row {transport}/{tokens}/{mode} timed out") from None
+    what = f"row {transport}/{tokens}/{mode}"
+    _, sent, rss_e, cpu_e = _reply(e_rep, procs, 600, what)
+    _, done, created, resumes, verified, rss_l, cpu_l = _reply(l_rep, procs, 600, what)
     # from the moment both sides were ready (the data committed and the
     # receiver created) to wait() returning
     lat = [
@@ -678,7 +695,7 @@ def run_bench(
             lang.start()
             try:
                 for q in (e_rep, l_rep):
-                    if q.get(timeout=120)[0] != "ready":
+                    if _reply(q, (enc, lang), 120, f"start of {transport}")[0] != "ready":
                         raise RuntimeError("bench worker failed to start")
                 raws: dict[int, float] = {}
                 plan = [(n, mode, window, rooms_for(n)) for n in sizes for mode in modes]
@@ -705,6 +722,7 @@ def run_bench(
                     rows.append(
                         _row(
                             (e_cmd, e_rep, l_cmd, l_rep),
+                            (enc, lang),
                             rooms,
                             transport=transport,
                             tokens=n,

@@ -98,6 +98,27 @@ def test_cli_bench_quick_json_and_plot(tmp_path):
             assert key in r
         assert r["verified"] and r["gbps"] > 0 and r["raw_gbps"] > 0
     assert png.stat().st_size > 10_000
+    # the reference figures, beside the rows' raw limits
+    assert "hot in" in p.stderr and "polled as the" in p.stderr
+
+
+def test_bench_fails_fast_when_a_worker_dies():
+    import multiprocessing as mp
+    import time
+
+    from embedlink.bench import _reply
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    dead = ctx.Process(target=sys.exit, args=(3,), name="bench-encoder-x")
+    dead.start()
+    dead.join(30)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="worker bench-encoder-x exited with code 3"):
+        _reply(q, [dead], 60, "start of x")
+    assert time.monotonic() - t0 < 30  # not the 60 s timeout
+    q.put(("ready",))
+    assert _reply(q, [dead], 60, "start of x") == ("ready",)  # a reply wins
 
 
 def test_cli_log_level_and_json_lines_reach_the_child_processes():

@@ -203,5 +203,5 @@ def test_mooncake_settings_reach_the_transport_options():
     # the wait is the encoder's (the writing side); the language side has none
     assert load("language", {}, env={}).transport_options() == {"mooncake": {"protocol": "tcp"}}
     assert load("encoder", {}, env={})["mooncake_wait"] == "auto"
-    with pytest.raises(ConfigError, match="mooncake_wait.*EMBEDLINK_MOONCAKE_WAIT"):
+    with pytest.raises(ConfigError, match=r"mooncake_wait.*EMBEDLINK_MOONCAKE_WAIT"):
         load("encoder", {}, env={"EMBEDLINK_MOONCAKE_WAIT": "busy"})
