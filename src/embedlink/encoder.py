@@ -12,7 +12,6 @@ copies embeddings into the pool (``send``) and reads statuses (``poll``).
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -338,7 +337,7 @@ class EncoderEndpoint:
         self.metrics_port = metrics_port
         self._exporter: MetricsExporter | None = None
         self._created: dict[SenderRoom, float] = {}
-        self._ended: collections.deque[tuple[float, SenderRoom]] = collections.deque()
+        self._ended: dict[SenderRoom, float] = {}  # oldest first; clear() removes
         self.transport_options = {k: dict(v) for k, v in (transport_options or {}).items()}
         self.pool = BufferPool(schema, num_blocks, block_size, device=device)
         self.allocator = BlockAllocator(num_blocks)
@@ -529,6 +528,7 @@ class EncoderEndpoint:
     def _clear_room(self, room: SenderRoom) -> None:
         if not room.done:
             self._run(room, room.abort(time.monotonic(), "cleared before it finished"))
+        self._ended.pop(room, None)
         with self._lock:
             if self._rooms.get(room.room) is room:
                 del self._rooms[room.room]
@@ -723,7 +723,7 @@ class EncoderEndpoint:
                 if a.new.is_terminal:
                     now = time.monotonic()
                     self.metrics.ended(a.new.name, now - self._created.pop(room, now))
-                    self._ended.append((now, room))
+                    self._ended[room] = now
                     ev = self._events.get(room)
                     if ev is not None:
                         ev.set()
@@ -804,8 +804,13 @@ class EncoderEndpoint:
                 self._run(room, room.tick(now))
         self._check_liveness(now)
         # Rooms that ended and were never cleared: forget them after room_ttl.
-        while self._ended and now - self._ended[0][0] > self.room_ttl:
-            _, room = self._ended.popleft()
+        stale = []
+        for room, ended in self._ended.items():
+            if now - ended <= self.room_ttl:
+                break  # the rest ended later
+            stale.append(room)
+        for room in stale:
+            del self._ended[room]
             if self._rooms.get(room.room) is room:
                 self.stats.collected_rooms += 1
                 self._clear_room(room)

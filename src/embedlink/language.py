@@ -106,6 +106,7 @@ class _Live:
     result: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
     aux: Any = None
     queued: bool = False  # waiting in the reservation queue
+    cleared: bool = False  # the user called clear(): wait() has nothing to return
     pinned: tuple[int, ...] | None = None  # blocks a zero-copy result lives in
     #: zero-copy rooms that resume: the first pool token of the contiguous run
     #: the whole embedding is assembled in (``pinned`` holds its blocks) ...
@@ -147,6 +148,8 @@ class Receiver:
         With ``zero_copy=True`` on the endpoint, an embedding that arrived in
         one chunk is returned as views into the pool, valid until :meth:`clear`.
         """
+        if self._live.cleared:
+            raise RuntimeError(f"room {self.room} was cleared: its result is gone")
         if not self._live.done.wait(timeout):
             raise TimeoutError(f"room {self.room} still {self.poll()} after {timeout}s")
         room = self._live.room
@@ -168,9 +171,13 @@ class Receiver:
         """Forget the room; an unfinished room is aborted first. Blocks the encoder
         may still write into stay reserved until it acknowledges."""
         live, ep = self._live, self._ep
+        live.cleared = True
         if live.room.done and live.pinned is None and not live.room.holds_blocks:
             # Nothing to free or tell the encoder: forget the id now (so it can
-            # be reused at once) and leave the rest to the loop's next wake-up.
+            # be reused at once), let go of the result (the loop writes it no
+            # more: the room is done) and leave the rest to the loop's next
+            # wake-up.
+            live.result = {}
             with ep._lock:
                 if ep._rooms.get(self.room) is live:
                     del ep._rooms[self.room]
@@ -255,7 +262,10 @@ class LanguageEndpoint:
         )
         self.metrics_port = metrics_port
         self._exporter: MetricsExporter | None = None
-        self._ended: collections.deque[tuple[float, _Live]] = collections.deque()
+        # rooms that ended and are not cleared yet, oldest first (by id(live)):
+        # collected after room_ttl; clear() takes a room out at once, so a
+        # busy endpoint whose users clear their rooms keeps none of them
+        self._ended: dict[int, tuple[float, _Live]] = {}
         self.session = f"lang-{tp_rank}-{uuid.uuid4().hex[:16]}"
         self._token_bytes = schema.token_bytes
         self._shared: Any = None
@@ -500,6 +510,8 @@ class LanguageEndpoint:
     def _clear_room(self, live: _Live) -> None:
         if not live.room.done:
             self._abort_room(live, "cleared before it finished")
+        self._ended.pop(id(live), None)
+        live.result = {}  # the caller may keep the arrays; we must not
         if live.pinned is not None:
             blocks, live.pinned = live.pinned, None
             live.result = {}
@@ -603,7 +615,7 @@ class LanguageEndpoint:
                 if a.new.is_terminal:
                     now = time.monotonic()
                     self.metrics.ended(a.new.name, now - live.created)
-                    self._ended.append((now, live))
+                    self._ended[id(live)] = (now, live)
                     live.done.set()
                     self._dequeue(live)
                     if a.new is Status.Failed:
@@ -739,8 +751,13 @@ class LanguageEndpoint:
             if not live.room.done:
                 self._run(live, live.room.tick(now))
         self._check_liveness(now)
-        while self._ended and now - self._ended[0][0] > self.room_ttl:
-            _, live = self._ended.popleft()
+        expired = []
+        for key, (ended, live) in self._ended.items():
+            if now - ended <= self.room_ttl:
+                break  # the rest ended later
+            expired.append((key, live))
+        for key, live in expired:
+            del self._ended[key]
             if self._rooms.get(live.room.room) is live:
                 self.collected_rooms += 1
                 self._clear_room(live)

@@ -78,3 +78,40 @@ def test_unclosed_rooms_are_collected_and_memory_stays_flat(boot):
 def test_unclosed_rooms_collected_10_rounds_of_10000(boot):
     rss = _rounds(boot, 10, 10_000)
     assert rss[-1] - rss[2] < 60, rss
+
+
+def test_cleared_rooms_let_go_of_their_data_at_once(boot):
+    """With the default room_ttl (600 s), a room the user cleared must not keep
+    its reassembled result (or the encoder its room) alive until the TTL: a
+    busy endpoint would hold every result of the last ten minutes."""
+    import gc
+    import weakref
+
+    with (
+        EncoderEndpoint(SCHEMA, bootstrap=boot.address, num_blocks=64, block_size=4) as enc,
+        LanguageEndpoint(SCHEMA, num_blocks=64, block_size=4, default_tokens=4) as lang,
+    ):
+        results, senders = [], []
+        for room in range(20):
+            rx = lang.receiver(bootstrap=boot.address, room=room)
+            snd = enc.sender(room)
+            snd.send(_emb(3 + room % 4))  # some fit the 4 reserved tokens, some resume
+            emb = rx.wait(timeout=30)
+            assert emb.embedding.shape[0] == 3 + room % 4
+            results.append(weakref.ref(emb.embedding))
+            senders.append(weakref.ref(snd._room))
+            del emb
+            rx.clear()
+            with pytest.raises(RuntimeError, match=f"room {room} was cleared"):
+                rx.wait(timeout=1)
+            assert snd.wait(timeout=30).name == "Success"
+            snd.clear()
+        del rx, snd  # the test's own last references
+        deadline = time.monotonic() + 10  # the encoder forgets on its next wake-up
+        while time.monotonic() < deadline:
+            gc.collect()
+            if not any(r() is not None for r in results + senders):
+                break
+            time.sleep(0.05)
+        assert [i for i, r in enumerate(results) if r() is not None] == []
+        assert [i for i, r in enumerate(senders) if r() is not None] == []
