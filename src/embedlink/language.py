@@ -650,7 +650,11 @@ class LanguageEndpoint:
             want = min(want, self.allocator.num_free - self.resume_headroom)
             if want <= 0:
                 return False
-        blocks = self.allocator.alloc_up_to(want)
+        # A zero-copy room's first reservation asks for as many free blocks
+        # after it as it takes: should the room resume, the rest can follow it
+        # in place instead of the first chunk being moved (_assemble_in_pool).
+        spare = want if self.zero_copy and live.room.sent_tokens == 0 else 0
+        blocks = self.allocator.alloc_up_to(want, spare)
         if blocks is None:
             return False
         self._run(live, live.room.reserved(blocks, min(tokens, len(blocks) * bs), time.monotonic()))

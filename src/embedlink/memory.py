@@ -314,6 +314,8 @@ class BlockAllocator:
         self._starts: list[int] = [0]  # sorted starts of free extents
         self._lens: dict[int, int] = {0: num_blocks}
         self._used: set[int] = set()
+        # first block of a growable reservation's spare -> its length (see alloc_up_to)
+        self._spares: dict[int, int] = {}
         self._cond = threading.Condition()
 
     @property
@@ -333,15 +335,38 @@ class BlockAllocator:
         with self._cond:
             return self._alloc_locked(num_blocks)
 
-    def alloc_up_to(self, num_blocks: int) -> list[BlockId] | None:
-        """Between 1 and ``num_blocks`` blocks (as many as are free), or ``None``."""
-        if num_blocks <= 0:
-            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+    def alloc_up_to(self, num_blocks: int, spare: int = 0) -> list[BlockId] | None:
+        """Between 1 and ``num_blocks`` blocks (as many as are free), or ``None``.
+
+        ``spare``: a reservation that may have to grow (a zero-copy room that
+        may resume) asks for ``spare`` free blocks right after it. It gets the
+        first free run with room for both that does not start inside another
+        such reservation's spare (which it skips), so it can later grow in
+        place (:meth:`alloc_at`) and leaves the others their room to grow. The
+        spare is a preference, not a reservation: it lapses when its blocks are
+        taken or the blocks before it are freed. Without such a run, as without
+        ``spare``."""
+        if num_blocks <= 0 or spare < 0:
+            raise ValueError(
+                f"num_blocks must be positive and spare >= 0, got {num_blocks}, {spare}"
+            )
         with self._cond:
             free = self.num_blocks - len(self._used)
             if free == 0:
                 return None
-            return self._alloc_locked(min(num_blocks, free))
+            n = min(num_blocks, free)
+            if spare:
+                for s in self._starts:
+                    start = s + self._spares.get(s, 0)
+                    if s + self._lens[s] - start >= n + spare:
+                        if start > s:  # leave the skipped spare free
+                            self._lens[start] = self._lens[s] - (start - s)
+                            self._lens[s] = start - s
+                            bisect.insort(self._starts, start)
+                        got = self._take(start, n)
+                        self._spares[start + n] = spare
+                        return got
+            return self._alloc_locked(n)
 
     def alloc_wait(self, num_blocks: int, timeout: float | None) -> list[BlockId] | None:
         """Like :meth:`alloc`, waiting up to ``timeout`` seconds for blocks to be freed."""
@@ -430,6 +455,8 @@ class BlockAllocator:
                 while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
                     j += 1
                 self._insert(blocks[i], j - i + 1)
+                # the reservation before a spare ended (or shrank): it will not grow
+                self._spares.pop(blocks[j] + 1, None)
                 i = j + 1
             self._cond.notify_all()
 
@@ -469,6 +496,9 @@ class BlockAllocator:
             bisect.insort(self._starts, start + n)
         got = list(range(start, start + n))
         self._used.update(got)
+        if self._spares:
+            for b in got:  # a spare whose first block is taken has lapsed
+                self._spares.pop(b, None)
         return got
 
     def _insert(self, start: int, n: int) -> None:

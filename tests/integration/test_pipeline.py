@@ -4,6 +4,7 @@ runs in the test process where its statuses can be read, or in a process of
 its own for the load test."""
 
 import random
+import time
 
 import ml_dtypes
 import numpy as np
@@ -362,6 +363,7 @@ def test_torch_cpu_pools_end_to_end(boot, transport, zero_copy):
             base = lang.pool.tensor.data_ptr()
             inside = base <= got.embedding.data_ptr() < base + lang.pool.nbytes
             assert inside == zero_copy  # resumed zero-copy rooms are views too
+            rx.clear()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -412,9 +414,10 @@ def token_offset(view, pool):
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_zero_copy_resumes_end_contiguous_or_fall_back(boot, transport):
     """A zero-copy room that resumes is a view of one contiguous pool run:
-    grown in place, or moved once inside the pool when its neighbour is taken;
-    with no run long enough it is reassembled in fresh memory. Every byte
-    arrives and every block comes back."""
+    grown in place (its first reservation keeps free blocks after it, and a
+    second room's skips them), or moved once inside the pool when its
+    neighbour is taken; with no run long enough it is reassembled in fresh
+    memory. Every byte arrives and every block comes back."""
     with (
         EncoderEndpoint(
             SCHEMA, bootstrap=boot.address, num_blocks=96, transports=(transport,)
@@ -424,24 +427,40 @@ def test_zero_copy_resumes_end_contiguous_or_fall_back(boot, transport):
         ) as lang,
     ):
         pool = lang.pool.array("embedding")
-        # room 1 takes blocks 0-7; room 2 (its neighbour) takes 8-15 and waits
+        # in place: room 1 takes blocks 0-7 and room 2 skips 8-15, kept for room 1
         rx1 = lang.receiver(bootstrap=boot.address, room=1)
         rx2 = lang.receiver(bootstrap=boot.address, room=2)
-        enc.sender(1).send(make_embedding(SCHEMA, 2500, 0, 1))
-        got1 = rx1.wait(timeout=30)
-        assert same_embedding(got1, make_embedding(SCHEMA, 2500, 0, 1))
-        assert np.shares_memory(got1.embedding, pool)
-        assert token_offset(got1.embedding, pool) == 16 * 128  # moved: 8-15 were taken
-        enc.sender(2).send(make_embedding(SCHEMA, 700, 0, 2))
-        assert same_embedding(rx2.wait(timeout=30), make_embedding(SCHEMA, 700, 0, 2))
-        # 20 blocks pinned by room 1, 6 by room 2: 14 left, no run of 32 for
-        # a 4000-token room, so it falls back to fresh memory
+        enc.sender(1).send(make_embedding(SCHEMA, 1900, 0, 1))
+        enc.sender(2).send(make_embedding(SCHEMA, 1100, 0, 2))
+        got1, got2 = rx1.wait(timeout=30), rx2.wait(timeout=30)
+        assert same_embedding(got1, make_embedding(SCHEMA, 1900, 0, 1))
+        assert same_embedding(got2, make_embedding(SCHEMA, 1100, 0, 2))
+        assert token_offset(got1.embedding, pool) == 0
+        assert token_offset(got2.embedding, pool) == 16 * 128
+        rx1.clear()
+        rx2.clear()
+        assert lang.allocator.wait_all_free(5)
+        # moved: room 3 takes blocks 0-7, then something else takes 8-15
         rx3 = lang.receiver(bootstrap=boot.address, room=3)
-        enc.sender(3).send(make_embedding(SCHEMA, 4000, 0, 3))
+        deadline = time.monotonic() + 10
+        while lang.allocator.num_used < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the reservation is made on the loop thread
+        neighbour = lang.allocator.alloc_at(8, 8)
+        assert neighbour == list(range(8, 16))
+        enc.sender(3).send(make_embedding(SCHEMA, 2500, 0, 3))
         got3 = rx3.wait(timeout=30)
-        assert same_embedding(got3, make_embedding(SCHEMA, 4000, 0, 3))
-        assert not np.shares_memory(got3.embedding, pool)
-        for rx in (rx1, rx2, rx3):
+        assert same_embedding(got3, make_embedding(SCHEMA, 2500, 0, 3))
+        assert np.shares_memory(got3.embedding, pool)
+        assert token_offset(got3.embedding, pool) == 16 * 128  # the first run of 20
+        lang.allocator.free(neighbour)
+        # room 3 pins blocks 16-35: no run of 32 for a 4000-token room, so it
+        # falls back to fresh memory
+        rx4 = lang.receiver(bootstrap=boot.address, room=4)
+        enc.sender(4).send(make_embedding(SCHEMA, 4000, 0, 4))
+        got4 = rx4.wait(timeout=30)
+        assert same_embedding(got4, make_embedding(SCHEMA, 4000, 0, 4))
+        assert not np.shares_memory(got4.embedding, pool)
+        for rx in (rx3, rx4):
             rx.clear()
         assert lang.allocator.wait_all_free(5)
         assert enc.allocator.wait_all_free(5)

@@ -34,6 +34,24 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert 1 <= len(got) <= n
             self.held.append(got)
 
+    @rule(n=st.integers(1, N), spare=st.integers(1, N))
+    def alloc_up_to_with_spare(self, n, spare):
+        held = {b for h in self.held for b in h}
+        runs = self._free_runs(held)
+        free = N - len(held)
+        got = self.a.alloc_up_to(n, spare)
+        if got is None:
+            assert free == 0
+            return
+        want = min(n, free)
+        assert len(got) == want
+        if any(k >= want + spare for _, k in runs):
+            # room for it and its spare: one contiguous run, its spare free
+            assert got == list(range(got[0], got[0] + want))
+            assert not held & set(range(got[-1] + 1, got[-1] + 1 + spare))
+            assert got[-1] + spare < N
+        self.held.append(got)
+
     @rule(n=st.integers(1, N))
     def alloc_contiguous(self, n):
         got = self.a.alloc_contiguous(n)

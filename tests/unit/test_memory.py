@@ -127,3 +127,21 @@ def test_allocator_contiguous_wait_skips_fragments():
     assert a.alloc_contiguous_wait(2, timeout=0.01) == [2, 3]
     assert a.alloc_contiguous_wait(2, timeout=0.01) is None  # 0 and 6 are free but apart
     assert a.num_free == 2
+
+
+def test_allocator_spare_leaves_room_to_grow_in_place():
+    a = BlockAllocator(64)
+    first = a.alloc_up_to(8, spare=8)
+    assert first == list(range(0, 8))  # first fit, blocks 8-15 kept for it
+    second = a.alloc_up_to(8, spare=8)
+    assert second == list(range(16, 24))  # skips the first one's spare
+    assert a.alloc(4) == list(range(8, 12))  # a plain allocation may still take it
+    third = a.alloc_up_to(8, spare=8)
+    assert third == list(range(32, 40))  # after the second one's spare
+    assert a.alloc_at(24, 8) == list(range(24, 32))  # the second grows in place
+    a.free(third)  # the third ended: its spare lapses
+    assert a.alloc_up_to(8, spare=8) == list(range(32, 40))
+    # no run long enough for blocks plus spare: as without it (first fit)
+    assert a.alloc_up_to(20, spare=20) == list(range(40, 60))
+    with pytest.raises(ValueError):
+        a.alloc_up_to(4, spare=-1)
