@@ -304,7 +304,8 @@ class BlockAllocator:
     back-pressure. Freeing a block that is not allocated (double free, or a
     block of another pool) raises ``ValueError`` and frees nothing. Allocation
     prefers one contiguous run (first fit), so copies merge; when no run is
-    long enough it takes the longest runs first.
+    long enough it takes the longest runs first. A reservation that may grow
+    can ask for free blocks after it (``alloc_up_to(..., spare=)``).
     """
 
     def __init__(self, num_blocks: int) -> None:
