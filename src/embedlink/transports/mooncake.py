@@ -26,9 +26,13 @@ How a plan is written depends on ``wait``:
 
 A non-zero return code, a failed request or a passed deadline becomes a
 :class:`~embedlink.transports.TransportError` carrying the code: the room
-fails, terminally. After a failure the writer waits (up to the deadline) for
-the plan's other requests to settle, so no byte lands in the peer's pool after
-the room has failed and its blocks may have gone to another room.
+fails, terminally. After a failed request the writer waits (up to the
+deadline) for the plan's other requests to settle, so that they do not land in
+the peer's pool after the room has failed and its blocks may have gone to
+another room. Requests still pending at the deadline cannot be cancelled (the
+engine has no call for it; its own timeout in ``spin`` mode has the same
+limit): they are abandoned, looked at again on later writes so the engine
+frees them once they end.
 
 Options (``transport_options={"mooncake": {...}}`` on the endpoints, or
 ``EMBEDLINK_MOONCAKE_*`` environment variables): ``protocol`` (``tcp``, the
