@@ -238,3 +238,39 @@ def test_mooncake_unknown_wait_option_is_refused():
     pytest.importorskip("mooncake.engine")
     with pytest.raises(TransportError, match="wait='busy' is not one of auto, poll, spin"):
         _mooncake_writer("127.0.0.1:1", 0, 1, wait="busy")
+
+
+def test_mooncake_engine_starts_quietly_unless_verbose():
+    """The engine's own start-up lines (glog, even an ERROR one on every
+    successful start) stay off stderr by default; verbose shows them; other
+    output written meanwhile still gets through."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("mooncake.engine")
+    code = (
+        "import sys\n"
+        "from embedlink.transports.mooncake import local_engine\n"
+        "print(local_engine('127.0.0.1').session)\n"
+        "print('after start', file=sys.stderr)\n"
+    )
+
+    def start(**env):
+        import os
+
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            # MC_LOG_LEVEL, when set, is the user's choice and wins
+            env={**{k: v for k, v in os.environ.items() if k != "MC_LOG_LEVEL"}, **env},
+        )
+
+    quiet = start()
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout.startswith("127.0.0.1:")
+    assert quiet.stderr.strip() == "after start"
+    loud = start(EMBEDLINK_MOONCAKE_VERBOSE="1")
+    assert loud.returncode == 0, loud.stderr
+    assert "tcp_transport" in loud.stderr  # the engine's INFO lines

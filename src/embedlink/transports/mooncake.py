@@ -49,12 +49,16 @@ Debian's ``libibverbs1`` even for TCP.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import re
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ..memory import BufferPool
@@ -108,17 +112,56 @@ def installed() -> bool:
     return True
 
 
+# a line of the engine's own logging (glog), or glog's note that it logs
+# before being initialised
+_GLOG_LINE = re.compile(
+    r"^(?:[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\]|WARNING: Logging before InitGoogleLogging)"
+)
+
+
+@contextlib.contextmanager
+def _engine_stderr(quiet: bool) -> Iterator[list[str]]:
+    """While the engine starts, keep what it writes to the process's stderr
+    (file descriptor 2, below Python) out of the operator's way: even at ERROR
+    level a successful start logs "Local segment descriptor not found". The
+    engine's lines are collected in the yielded list (complete once the block
+    has ended) so a failed start can show them; anything else written
+    meanwhile, such as another thread's log line, is written back."""
+    lines: list[str] = []
+    if not quiet:
+        yield lines
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            others: list[str] = []
+            for line in tmp.read().decode(errors="replace").splitlines():
+                (lines if _GLOG_LINE.match(line) else others).append(line)
+            if others:
+                sys.stderr.write("\n".join(others) + "\n")
+
+
 class _Engine:
     """One engine per process and (host, protocol, devices); registers each
     memory region once."""
 
     def __init__(self, host: str, protocol: str, device_name: str, verbose: bool) -> None:
         cls = _engine_class(verbose)
-        self.engine = cls()
-        rc = self.engine.initialize(host, "P2PHANDSHAKE", protocol, device_name)
+        with _engine_stderr(quiet=not verbose) as said:
+            self.engine = cls()
+            rc = self.engine.initialize(host, "P2PHANDSHAKE", protocol, device_name)
         if rc != 0:
+            detail = "; ".join(said[-5:])
             raise TransportUnavailable(
-                f"mooncake: initialize({host!r}, P2PHANDSHAKE, {protocol!r}, {device_name!r}) returned {rc}"
+                f"mooncake: initialize({host!r}, P2PHANDSHAKE, {protocol!r}, {device_name!r}) "
+                f"returned {rc}" + (f": {detail}" if detail else "")
             )
         self.host = host
         self.protocol = protocol
