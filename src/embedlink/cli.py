@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -345,49 +346,56 @@ def bench(
             console.print(line)
         click.echo(rows_json(rows))
         return
-    table = Table(
-        title=f"embedlink bench ({'copying' if copying else 'one-copy'} path, window {window}, hidden {hidden_size}; "
-        f"ZeroMQ 100-byte round trip p50 {extras['zmq_rtt_ms']:.3f} ms)"
+    if not console.is_terminal:
+        console.width = max(console.width, 150)  # piped: no terminal to fit
+    # a narrow terminal gets the columns the targets are about (--json has all)
+    wide = console.width >= 130
+    table = _bench_table(
+        rows,
+        f"embedlink bench ({'copying' if copying else 'one-copy'} path, window {window}, "
+        f"hidden {hidden_size}; ZeroMQ 100-byte round trip p50 {extras['zmq_rtt_ms']:.3f} ms)",
+        wide,
     )
-    for col in (
-        "transport",
-        "tokens",
-        "mode",
-        "window",
-        "rooms",
-        "GB/s",
-        "raw GB/s",
-        "ratio",
-        "rooms/s",
-        "p50 ms",
-        "p99 ms",
-        "resumes/room",
-        "RSS enc/lang MB",
-        "ok",
-    ):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(
-            r.transport,
-            str(r.tokens),
-            r.mode,
-            str(r.window),
-            str(r.rooms),
-            f"{r.gbps:.2f}",
-            f"{r.raw_gbps:.2f}",
-            f"{r.ratio_to_raw:.2f}",
-            f"{r.rooms_per_s:,.0f}",
-            f"{r.p50_ms:.2f}",
-            f"{r.p99_ms:.2f}",
-            f"{r.resumes_per_room:.1f}",
-            f"{r.rss_encoder_mb:,.0f}/{r.rss_language_mb:,.0f}",
-            "yes" if r.verified else "NO",
-        )
     console.print(table)
+    if not wide:
+        summary.append("(a narrow terminal: p99, RSS and more are in --json)")
     for line in summary:
         console.print(line)
     if not all(r.verified for r in rows):
         raise SystemExit(1)
+
+
+def _bench_table(rows: list[Any], title: str, wide: bool) -> Table:
+    """The bench's rows as a table; ``wide=False`` keeps the columns the
+    targets are about."""
+    columns: list[tuple[str, Callable[[Any], str], bool]] = [
+        ("transport", lambda r: r.transport, True),
+        ("tokens", lambda r: str(r.tokens), True),
+        ("mode", lambda r: r.mode, True),
+        ("in flight" if wide else "w", lambda r: str(r.window), True),
+        ("rooms", lambda r: str(r.rooms), wide),
+        ("GB/s", lambda r: f"{r.gbps:.2f}", True),
+        ("raw GB/s" if wide else "raw", lambda r: f"{r.raw_gbps:.2f}", True),
+        ("ratio", lambda r: f"{r.ratio_to_raw:.2f}", True),
+        ("rooms/s", lambda r: f"{r.rooms_per_s:,.0f}", True),
+        ("p50 ms", lambda r: f"{r.p50_ms:.2f}", True),
+        ("p99 ms", lambda r: f"{r.p99_ms:.2f}", wide),
+        ("resumes/room", lambda r: f"{r.resumes_per_room:.1f}", wide),
+        ("RSS enc/lang MB", lambda r: f"{r.rss_encoder_mb:,.0f}/{r.rss_language_mb:,.0f}", wide),
+        ("ok", lambda r: "yes" if r.verified else "NO", True),
+    ]
+    # narrow: no outer border, so ten columns fit 80 characters
+    table = (
+        Table(title=title)
+        if wide
+        else Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    )
+    shown = [(name, cell) for name, cell, keep in columns if keep]
+    for name, _ in shown:
+        table.add_column(name, justify="right", no_wrap=True)
+    for r in rows:
+        table.add_row(*(cell(r) for _, cell in shown))
+    return table
 
 
 def _bench_summary(rows: list[Any], rtt_ms: float) -> list[str]:
