@@ -344,9 +344,9 @@ def raw_mooncake_gbps(
 ) -> float:
     """``batch_transfer_sync_write`` of ``nbytes`` at a time between two
     engines, cycling through registered buffers of ``src_slots``/``dst_slots``
-    rooms (the issue's raw limit). ``polled``: instead, two
-    ``transfer_submit_write`` in flight, polled as the transport's default
-    ``wait`` does."""
+    rooms (the issue's raw limit). ``polled``: instead, as the transport's
+    default ``wait`` does: two writes in flight, each cut into the same
+    ``transfer_submit_write`` requests, polled."""
     from .transports.mooncake import _engine_class
 
     cls = _engine_class(verbose=False)
@@ -372,28 +372,27 @@ def raw_mooncake_gbps(
     once()  # handshake outside the timing
     if not polled:
         return _best(once, nbytes, 20)
-    from .transports.mooncake import POLL_INTERVAL
+    from .transports.mooncake import POLL_INTERVAL, _pieces
 
     # what the transport's default wait does, without embedlink around it:
-    # two writes in flight, each polled
+    # two writes in flight, each cut into the same requests, polled
     ops = max(6, min(200, int(150e6 // max(1, nbytes))))
 
-    def settle_oldest(pending: collections.deque[int]) -> None:
-        while (rc := a.transfer_check_status(pending[0])) == 0:
-            time.sleep(POLL_INTERVAL)
-        if rc != 1:
-            raise RuntimeError(f"mooncake raw polled write ended with status {rc}")
-        pending.popleft()
+    def settle_oldest(pending: collections.deque[list[int]]) -> None:
+        for bid in pending.popleft():
+            while (rc := a.transfer_check_status(bid)) == 0:
+                time.sleep(POLL_INTERVAL)
+            if rc != 1:
+                raise RuntimeError(f"mooncake raw polled write ended with status {rc}")
 
     best = 0.0
     for _ in range(3):
-        pending: collections.deque[int] = collections.deque()
+        pending: collections.deque[list[int]] = collections.deque()
         t = time.perf_counter()
         for _ in range(ops):
             s, d = cyc.next()
-            pending.append(
-                a.transfer_submit_write(target, src.ctypes.data + s, dst.ctypes.data + d, nbytes)
-            )
+            pieces = _pieces([src.ctypes.data + s], [dst.ctypes.data + d], [nbytes])
+            pending.append([a.transfer_submit_write(target, *p) for p in pieces])
             if len(pending) == 2:
                 settle_oldest(pending)
         while pending:

@@ -338,8 +338,9 @@ def bench(
     if "mooncake_polled_gbps" in extras:
         summary.append(
             f"mooncake's raw limit is the engine's batch_transfer_sync_write; two "
-            f"{int(extras['mooncake_polled_tokens'])}-token writes in flight, polled as the "
-            f"transport does by default, run at {extras['mooncake_polled_gbps']:.2f} GB/s"
+            f"{int(extras['mooncake_polled_tokens'])}-token writes in flight, cut into "
+            f"requests and polled as the transport does by default, run at "
+            f"{extras['mooncake_polled_gbps']:.2f} GB/s"
         )
     if as_json:
         for line in summary:  # on stderr, beside the progress bar

@@ -203,10 +203,11 @@ def test_mooncake_write_to_a_stopped_peer_times_out_and_the_writer_recovers():
         w.write(copies, src, timeout=20)  # handshake, and the peer is sound
         os.kill(peer.pid, signal.SIGSTOP)
         t0 = time.monotonic()
-        with pytest.raises(TransportError, match=r"timed out after 1 s with 1 of 1 requests"):
+        # 64 MiB goes as four requests (see SPLIT_BYTES)
+        with pytest.raises(TransportError, match=r"timed out after 1 s with \d of 4 requests"):
             w.write(copies, src, timeout=1)
         assert time.monotonic() - t0 < 10
-        assert len(w._abandoned) == 1
+        assert 1 <= len(w._abandoned) <= 4
         os.kill(peer.pid, signal.SIGCONT)
         w.write(copies, src, timeout=20)  # looks at the abandoned one on the way
         w.close()
@@ -274,3 +275,25 @@ def test_mooncake_engine_starts_quietly_unless_verbose():
     loud = start(EMBEDLINK_MOONCAKE_VERBOSE="1")
     assert loud.returncode == 0, loud.stderr
     assert "tcp_transport" in loud.stderr  # the engine's INFO lines
+
+
+def test_mooncake_large_copies_go_as_several_requests():
+    import itertools
+
+    from embedlink.transports.mooncake import SPLIT_ABOVE, SPLIT_BYTES, _pieces
+
+    mb = 1 << 20
+    # small copies stay whole; a 14 MB one is four; a 117 MB one stays whole
+    assert _pieces([0], [100], [2 * mb]) == [(0, 100, 2 * mb)]
+    four = _pieces([1000], [5000], [14_368_000])
+    assert len(four) == 4
+    assert [(s - 1000, d - 5000) for s, d, _ in four] == [
+        (o, o) for o in (0, 3592000, 7184000, 10776000)
+    ]
+    assert sum(n for _, _, n in four) == 14_368_000
+    assert _pieces([0], [0], [SPLIT_ABOVE + 1]) == [(0, 0, SPLIT_ABOVE + 1)]
+    # pieces tile each copy exactly, whatever its length
+    for n in (SPLIT_BYTES * 2 + 1, 10 * mb + 7, 63 * mb):
+        got = _pieces([7], [9], [n])
+        assert got[0][:2] == (7, 9) and sum(k for _, _, k in got) == n
+        assert all(a[0] + a[2] == b[0] and a[1] + a[2] == b[1] for a, b in itertools.pairwise(got))
