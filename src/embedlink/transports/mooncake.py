@@ -262,8 +262,9 @@ _WAITS = ("poll", "spin")
 #: Polled writes cut a copy of 6-64 MiB into up to four requests of at least
 #: 3 MiB: the engine moves separate requests in parallel. Measured on 2 cores
 #: (docs/performance.md): a 14 MB copy as one request ~1.15-1.7 GB/s, as four
-#: ~2-2.8 GB/s between two engines; 2000-token rooms end to end ~1.09 ->
-#: ~1.28 GB/s. A 117 MB copy gained nothing from it (1.26 as one, 1.12 as 8).
+#: ~2-2.8 GB/s between two engines; 2000-token rooms end to end, 8 in flight,
+#: medians of 7 interleaved runs 1.13 -> 1.34 GB/s. A 117 MB copy gained
+#: nothing from it (1.26 GB/s as one request, 1.12 as eight).
 SPLIT_BYTES = 3 << 20
 SPLIT_MAX = 4
 SPLIT_ABOVE = 64 << 20
