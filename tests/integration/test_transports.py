@@ -187,7 +187,6 @@ def test_mooncake_write_to_a_stopped_peer_times_out_and_the_writer_recovers():
     import sys
     import time
 
-    pytest.importorskip("mooncake.engine")
     nbytes = 64 << 20  # far more than the socket buffers hold
     peer = subprocess.Popen(
         [sys.executable, "-c", _MC_PEER, str(nbytes)],
@@ -221,7 +220,6 @@ def test_mooncake_write_to_a_stopped_peer_times_out_and_the_writer_recovers():
 def test_mooncake_write_the_engine_refuses_is_a_transport_error(wait):
     """A destination the peer never registered: the engine fails the request;
     the room gets a TransportError with the code, never a hang or a -1."""
-    pytest.importorskip("mooncake.engine")
     shared = create_shared_pool(SCHEMA, 8, 4)
     server = get_backend("mooncake").server(shared.pool, host="127.0.0.1").start()
     try:
@@ -236,7 +234,6 @@ def test_mooncake_write_the_engine_refuses_is_a_transport_error(wait):
 
 
 def test_mooncake_unknown_wait_option_is_refused():
-    pytest.importorskip("mooncake.engine")
     with pytest.raises(TransportError, match="wait='busy' is not one of auto, poll, spin"):
         _mooncake_writer("127.0.0.1:1", 0, 1, wait="busy")
 
@@ -248,7 +245,6 @@ def test_mooncake_engine_starts_quietly_unless_verbose():
     import subprocess
     import sys
 
-    pytest.importorskip("mooncake.engine")
     code = (
         "import sys\n"
         "from embedlink.transports.mooncake import local_engine\n"
