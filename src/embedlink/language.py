@@ -514,7 +514,6 @@ class LanguageEndpoint:
         live.result = {}  # the caller may keep the arrays; we must not
         if live.pinned is not None:
             blocks, live.pinned = live.pinned, None
-            live.result = {}
             live.extension = None
             if live.room.holds_blocks and live.room.blocks is not None:
                 # the encoder may still write into the outstanding reservation:
