@@ -8,7 +8,10 @@ meant to finish in under 3 minutes on a machine with an NVIDIA GPU:
 2. 200 rooms of random sizes, every one byte-exact, both pools free after;
 3. ``embedlink bench`` rows for ``cuda_ipc`` and for ``mooncake`` with GPU
    buffers, each beside its raw baseline measured in this run (a raw CUDA IPC
-   copy; a raw Mooncake write between GPU buffers);
+   copy; a raw Mooncake write between GPU buffers); the ``cuda_ipc``
+   latency is also measured with the two processes pinned to one CPU each
+   (``embedlink bench --pin``; ``GPU_CHECK_PIN=1`` pins the other rows and
+   measures that one unpinned);
 4. the targets: a 2000-token embedding end to end over ``cuda_ipc`` in at most
    10x the raw IPC copy time, and at least 20x faster than Mooncake TCP with
    GPU buffers.
@@ -41,6 +44,8 @@ from embedlink.workers import encoder_worker, language_worker, make_embedding, s
 DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda:0")
 IPC = os.environ.get("GPU_CHECK_TRANSPORT", "cuda_ipc")
 HIDDEN = 3584
+# the bench's worker processes on one CPU each (embedlink bench --pin) or not
+PIN = os.environ.get("GPU_CHECK_PIN", "0") == "1"
 SCHEMA = BufferSchema(hidden_size=HIDDEN)
 RESULTS: dict[str, Any] = {}
 
@@ -247,12 +252,15 @@ def bench_rows() -> dict[str, Any]:
                 hidden_size=HIDDEN,
                 device=DEVICE,
                 latency_probes=False,
+                pin=PIN,
             )
             rows += [asdict(x) for x in r]
         except Exception as exc:
             rows.append({"transport": transport, "error": f"{type(exc).__name__}: {exc}"})
-    # latency, one room at a time
-    for transport, k in ((IPC, 40), ("mooncake", 8)):
+    # latency, one room at a time; cuda_ipc also placed the other way, to show
+    # what pinning the processes does
+    latency = [(IPC, 40, PIN), ("mooncake", 8, PIN), (IPC, 40, not PIN)]
+    for transport, k, pin in latency:
         try:
             r, _ = run_bench(
                 transports=(transport,),
@@ -263,6 +271,7 @@ def bench_rows() -> dict[str, Any]:
                 hidden_size=HIDDEN,
                 device=DEVICE,
                 latency_probes=False,
+                pin=pin,
             )
             rows += [asdict(x) for x in r]
         except Exception as exc:
@@ -275,19 +284,24 @@ def bench_rows() -> dict[str, Any]:
 def targets() -> dict[str, Any]:
     rows = RESULTS.get("bench rows", {}).get("rows", [])
 
-    def pick(t: str, w: int) -> dict[str, Any] | None:
+    def pick(t: str, w: int, pinned: bool = PIN) -> dict[str, Any] | None:
         for r in rows:
             if (
                 r.get("transport") == t
                 and r.get("window") == w
                 and r.get("mode", "exact") == "exact"
                 and "error" not in r
+                and bool(r.get("cpus")) == pinned
             ):
                 return r
         return None
 
     ipc, mc = pick(IPC, 1), pick("mooncake", 1)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"pinned": PIN}
+    other = pick(IPC, 1, pinned=not PIN)
+    if other:
+        key = "cuda_ipc_e2e_p50_ms_" + ("unpinned" if PIN else "pinned")
+        out[key] = other["p50_ms"]
     if ipc:
         out["cuda_ipc_e2e_p50_ms"] = ipc["p50_ms"]
         out["raw_ipc_copy_ms"] = ipc["raw_p50_ms"]

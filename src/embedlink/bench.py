@@ -18,7 +18,9 @@ Raw limits (the same bytes, measured here, as a sustained rate: the best of
 three batches of back-to-back operations): ``shm`` a single-threaded memcpy;
 ``tcp`` one loopback TCP stream into a preallocated buffer; ``mooncake``
 ``batch_transfer_sync_write`` between two engines. The ZeroMQ round trip of
-100 bytes is reported for small-room latency.
+100 bytes between two processes, placed as the workers are, is reported for
+small-room latency. ``pin`` puts the encoder and the language process on one
+CPU each (the ZeroMQ baseline too).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import collections
 import json
 import multiprocessing as mp
+import os
 import queue
 import resource
 import socket
@@ -71,8 +74,12 @@ class BenchRow:
     api: str = "one-copy"
     #: rooms in flight (1: a latency probe on an idle pipeline)
     window: int = 8
-    #: p50 of a 100-byte ZeroMQ round trip on loopback, measured in this run
+    #: p50 of a 100-byte ZeroMQ round trip on loopback between two processes
+    #: placed as the workers are, measured in this run
     zmq_rtt_ms: float = float("nan")
+    #: the CPUs the encoder and language processes were pinned to ("0/1"),
+    #: empty when they ran wherever the scheduler put them
+    cpus: str = ""
 
 
 def _cpu_s() -> float:
@@ -95,6 +102,35 @@ def _rss_mb() -> float:
 
 
 # --------------------------------------------------------------------------- workers
+
+
+def worker_cpus(pin: bool) -> tuple[int | None, int | None]:
+    """The CPUs to pin the encoder and the language process to: the first two
+    this process may use, or ``(None, None)`` (unpinned) when ``pin`` is off,
+    fewer than two are available or the platform cannot pin."""
+    if not pin or not hasattr(os, "sched_setaffinity"):
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return cpus[0], cpus[1]
+
+
+def _affinity() -> list[int] | None:
+    """The CPUs this process may run on (None where the platform cannot say)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
+def _pin(cpu: int | None) -> None:
+    """Keep this process (every thread it starts from now on) on ``cpu``.
+
+    Why the bench offers it: a thread woken on another CPU must then take the
+    GIL from the thread that woke it, and on a virtual machine every wake-up
+    across CPUs costs tens of microseconds (docs/performance.md); a process
+    on one CPU of its own hands off between its threads in a few. Serving
+    deployments pin their workers for the same reason."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
 
 
 def _fill(buf: Any, emb: Any) -> None:
@@ -127,6 +163,7 @@ def _bench_encoder(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
     from .encoder import EncoderEndpoint
     from .workers import make_embedding, on_device
 
+    _pin(cfg.get("cpu"))
     schema = BufferSchema(hidden_size=cfg["hidden_size"])
     device = cfg.get("device")
     with EncoderEndpoint(
@@ -139,7 +176,7 @@ def _bench_encoder(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
         device=device,
     ) as ep:
         _prefault(ep.pool)
-        replies.put(("ready",))
+        replies.put(("ready", _affinity()))
         cache: dict[int, Any] = {}
         while True:
             cmd = cmds.get()
@@ -184,6 +221,7 @@ def _bench_language(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
     from .protocol import Status
     from .workers import make_embedding, same_embedding
 
+    _pin(cfg.get("cpu"))
     schema = BufferSchema(hidden_size=cfg["hidden_size"])
     with LanguageEndpoint(
         schema,
@@ -197,7 +235,7 @@ def _bench_language(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
         zero_copy=cfg.get("one_copy", True),
     ) as ep:
         _prefault(ep.pool)
-        replies.put(("ready",))
+        replies.put(("ready", _affinity()))
         while True:
             cmd = cmds.get()
             if cmd[0] == "stop":
@@ -488,35 +526,77 @@ def raw_gbps(
     raise ValueError(f"no raw baseline for {transport!r}")
 
 
-def zmq_round_trip_ms(n: int = 2000) -> float:
-    """p50 of a 100-byte ZeroMQ REQ/REP round trip over loopback TCP (ms)."""
+def _zmq_rtt_server(cpu: int | None, ports: Any, n: int) -> None:
     import zmq
 
+    _pin(cpu)
     ctx = zmq.Context()
     rep = ctx.socket(zmq.REP)
-    port = rep.bind_to_random_port("tcp://127.0.0.1")
-
-    def serve() -> None:
-        for _ in range(n + 50):
+    rep.setsockopt(zmq.LINGER, 0)
+    ports.put(rep.bind_to_random_port("tcp://127.0.0.1"))
+    if rep.poll(30_000):
+        for _ in range(n):
             rep.send(rep.recv())
+            if not rep.poll(5_000):
+                break
+    rep.close(0)
+    ctx.term()
 
-    th = threading.Thread(target=serve, daemon=True)
-    th.start()
+
+def _zmq_rtt_client(cpu: int | None, port: int, n: int, out: Any) -> None:
+    import zmq
+
+    _pin(cpu)
+    ctx = zmq.Context()
     req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.setsockopt(zmq.RCVTIMEO, 5_000)
     req.connect(f"tcp://127.0.0.1:{port}")
     msg = b"x" * 100
     times = []
-    for i in range(n + 50):
-        t = time.perf_counter()
-        req.send(msg)
-        req.recv()
-        if i >= 50:
-            times.append(time.perf_counter() - t)
-    th.join(5)
-    req.close(0)
-    rep.close(0)
-    ctx.term()
-    return statistics.median(times) * 1e3
+    try:
+        for i in range(n):
+            t = time.perf_counter()
+            req.send(msg)
+            req.recv()
+            if i >= 50:  # the first ones set up the connection
+                times.append(time.perf_counter() - t)
+        out.put(statistics.median(times) * 1e3)
+    except zmq.ZMQError as exc:
+        out.put(f"ZeroMQ round trip failed: {exc}")
+    finally:
+        req.close(0)
+        ctx.term()
+
+
+def zmq_round_trip_ms(n: int = 2000, cpus: tuple[int | None, int | None] = (None, None)) -> float:
+    """p50 of a 100-byte ZeroMQ REQ/REP round trip over loopback TCP between
+    two processes (ms), placed like the bench's workers (``cpus``: the
+    client's and the server's CPU, None for unpinned).
+
+    Two processes, not two threads of one: a room crosses processes, and two
+    threads of one process measure 0.03-0.15 ms on the same machine depending
+    on whether the scheduler happens to put every thread on one CPU."""
+    ctx = mp.get_context("spawn")
+    ports, out = ctx.Queue(), ctx.Queue()
+    total = n + 50
+    server = ctx.Process(target=_zmq_rtt_server, args=(cpus[1], ports, total), daemon=True)
+    server.start()
+    client = None
+    try:
+        port = ports.get(timeout=60)
+        client = ctx.Process(target=_zmq_rtt_client, args=(cpus[0], port, total, out), daemon=True)
+        client.start()
+        result = out.get(timeout=60)
+    finally:
+        for p in (client, server):
+            if p is not None:
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+    if isinstance(result, str):
+        raise RuntimeError(result)
+    return float(result)
 
 
 # --------------------------------------------------------------------------- driver
@@ -569,6 +649,7 @@ def _row(
     device: str | None,
     one_copy: bool,
     zmq_rtt_ms: float,
+    cpus: str = "",
 ) -> BenchRow:
     """Run one row through the two worker processes and summarise it."""
     e_cmd, e_rep, l_cmd, l_rep = queues
@@ -611,6 +692,7 @@ def _row(
         api="one-copy" if one_copy else "copying",
         window=window,
         zmq_rtt_ms=round(zmq_rtt_ms, 4),
+        cpus=cpus,
     )
 
 
@@ -627,18 +709,23 @@ def run_bench(
     device: str | None = None,
     one_copy: bool = True,
     latency_probes: bool = True,
+    pin: bool = False,
 ) -> tuple[list[BenchRow], dict[str, float]]:
     """Run every (transport, size, mode) row with ``window`` rooms in flight,
     then (``latency_probes``) a few rows with one room in flight; return the
     rows and the extras (``zmq_rtt_ms``). Each transport's processes are
-    spawned once."""
+    spawned once. ``pin`` keeps the encoder process on one CPU and the
+    language process on another (:func:`worker_cpus`); the ZeroMQ round trip
+    is then measured between two processes pinned the same way."""
     from .bootstrap import BootstrapServer
 
     schema = BufferSchema(hidden_size=hidden_size)
     rooms_for = rooms_for or (lambda n: max(8, min(2000, int(2e9 // (n * schema.token_bytes)))))
     ctx = mp.get_context("spawn")
     rows: list[BenchRow] = []
-    extras = {"zmq_rtt_ms": zmq_round_trip_ms()}
+    enc_cpu, lang_cpu = worker_cpus(pin)
+    cpus = "" if enc_cpu is None else f"{enc_cpu}/{lang_cpu}"
+    extras = {"zmq_rtt_ms": zmq_round_trip_ms(cpus=(lang_cpu, enc_cpu))}
     if "shm" in transports:
         # for reference: the same memcpy on one buffer, hot in the cache (what a
         # naive baseline reports; the rows' limit cycles through pool-sized
@@ -673,7 +760,11 @@ def run_bench(
                 target=_bench_encoder,
                 daemon=True,
                 name=f"bench-encoder-{transport}",
-                args=({**cfg, "num_blocks": per_room_blocks * (window + 2)}, e_cmd, e_rep),
+                args=(
+                    {**cfg, "num_blocks": per_room_blocks * (window + 2), "cpu": enc_cpu},
+                    e_cmd,
+                    e_rep,
+                ),
             )
             lang = ctx.Process(
                 target=_bench_language,
@@ -685,6 +776,7 @@ def run_bench(
                         **cfg,
                         "num_blocks": per_room_blocks * (window + 1) + 16,
                         "resume_headroom": per_room_blocks + 16,
+                        "cpu": lang_cpu,
                     },
                     l_cmd,
                     l_rep,
@@ -693,9 +785,12 @@ def run_bench(
             enc.start()
             lang.start()
             try:
-                for q in (e_rep, l_rep):
-                    if _reply(q, (enc, lang), 120, f"start of {transport}")[0] != "ready":
+                for q, cpu in ((e_rep, enc_cpu), (l_rep, lang_cpu)):
+                    ready = _reply(q, (enc, lang), 120, f"start of {transport}")
+                    if ready[0] != "ready":
                         raise RuntimeError("bench worker failed to start")
+                    if cpu is not None and ready[1] != [cpu]:
+                        raise RuntimeError(f"a bench worker asked for CPU {cpu} runs on {ready[1]}")
                 raws: dict[int, float] = {}
                 plan = [(n, mode, window, rooms_for(n)) for n in sizes for mode in modes]
                 if latency_probes:
@@ -732,6 +827,7 @@ def run_bench(
                             device=device,
                             one_copy=one_copy,
                             zmq_rtt_ms=extras["zmq_rtt_ms"],
+                            cpus=cpus,
                         )
                     )
             finally:

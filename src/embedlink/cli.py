@@ -258,6 +258,13 @@ def _summary(
     is_flag=True,
     help="Measure send() and reassembling receives, not the one-copy path.",
 )
+@click.option(
+    "--pin/--no-pin",
+    default=False,
+    show_default=True,
+    help="Run the encoder and the language process on one CPU each (needs two CPUs; "
+    "the ZeroMQ baseline is placed the same way). See docs/performance.md.",
+)
 def bench(
     transports: tuple[str, ...],
     quick: bool,
@@ -268,6 +275,7 @@ def bench(
     rooms: int | None,
     device: str | None,
     copying: bool,
+    pin: bool,
 ) -> None:
     """End-to-end throughput and latency beside each transport's raw limit.
 
@@ -319,6 +327,7 @@ def bench(
             progress=progress,
             device=device,
             one_copy=not copying,
+            pin=pin,
         )
         bar.update(task, completed=total, description="done")
     if plot_path:
@@ -329,6 +338,12 @@ def bench(
                 "[yellow]matplotlib is not installed: pip install 'embedlink[bench]' for --plot"
             )
     summary = _bench_summary(rows, extras["zmq_rtt_ms"])
+    placed = rows[0].cpus if rows else ""
+    summary.append(
+        f"encoder / language processes pinned to CPUs {placed}"
+        if placed
+        else "processes not pinned" + (" (--pin needs two CPUs)" if pin else "")
+    )
     if "memcpy_hot_gbps" in extras:
         summary.append(
             f"shm's raw limit is a memcpy cycling through pool-sized buffers, as the rows do; "
@@ -354,7 +369,8 @@ def bench(
     table = _bench_table(
         rows,
         f"embedlink bench ({'copying' if copying else 'one-copy'} path, window {window}, "
-        f"hidden {hidden_size}; ZeroMQ 100-byte round trip p50 {extras['zmq_rtt_ms']:.3f} ms)",
+        f"hidden {hidden_size}; ZeroMQ 100-byte round trip between two processes p50 "
+        f"{extras['zmq_rtt_ms']:.3f} ms)",
         wide,
     )
     console.print(table)

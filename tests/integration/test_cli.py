@@ -156,3 +156,50 @@ def test_cli_log_level_and_json_lines_reach_the_child_processes():
 def test_cli_rejects_unknown_log_level():
     p = run(sys.executable, "-m", "embedlink.cli", "--log-level", "loud", "version")
     assert p.returncode != 0 and "log-level" in (p.stdout + p.stderr)
+
+
+def test_zmq_round_trip_runs_between_two_processes_placed_as_asked():
+    import os
+
+    from embedlink.bench import worker_cpus, zmq_round_trip_ms
+
+    assert worker_cpus(False) == (None, None)
+    cpus = worker_cpus(True)
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) >= 2:
+        assert cpus == (available[0], available[1])
+    else:
+        assert cpus == (None, None)  # nothing to pin apart on one CPU
+    for placed in ((None, None), cpus):
+        rtt = zmq_round_trip_ms(n=200, cpus=placed)
+        assert 0 < rtt < 1000
+
+
+def test_cli_bench_pin_runs_each_worker_on_its_own_cpu():
+    import json
+    import os
+
+    p = run(
+        sys.executable,
+        "-m",
+        "embedlink.cli",
+        "bench",
+        "--quick",
+        "--json",
+        "--pin",
+        "-t",
+        "shm",
+        "--rooms",
+        "8",
+        "--hidden-size",
+        "256",
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(p.stdout)
+    available = sorted(os.sched_getaffinity(0))
+    # the bench checks that each worker reports the one CPU it was given
+    want = f"{available[0]}/{available[1]}" if len(available) >= 2 else ""
+    assert rows and {r["cpus"] for r in rows} == {want}
+    assert all(r["verified"] for r in rows)
+    assert ("pinned to CPUs" if want else "--pin needs two CPUs") in p.stderr
