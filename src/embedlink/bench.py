@@ -18,9 +18,9 @@ Raw limits (the same bytes, measured here, as a sustained rate: the best of
 three batches of back-to-back operations): ``shm`` a single-threaded memcpy;
 ``tcp`` one loopback TCP stream into a preallocated buffer; ``mooncake``
 ``batch_transfer_sync_write`` between two engines. The ZeroMQ round trip of
-100 bytes between two processes, placed as the workers are, is reported for
+100 bytes between two processes on two different CPUs is reported for
 small-room latency. ``pin`` puts the encoder and the language process on one
-CPU each (the ZeroMQ baseline too).
+CPU each.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class BenchRow:
     #: rooms in flight (1: a latency probe on an idle pipeline)
     window: int = 8
     #: p50 of a 100-byte ZeroMQ round trip on loopback between two processes
-    #: placed as the workers are, measured in this run
+    #: on two different CPUs (where there are two), measured in this run
     zmq_rtt_ms: float = float("nan")
     #: the CPUs the encoder and language processes were pinned to ("0/1"),
     #: empty when they ran wherever the scheduler put them
@@ -571,12 +571,13 @@ def _zmq_rtt_client(cpu: int | None, port: int, n: int, out: Any) -> None:
 
 def zmq_round_trip_ms(n: int = 2000, cpus: tuple[int | None, int | None] = (None, None)) -> float:
     """p50 of a 100-byte ZeroMQ REQ/REP round trip over loopback TCP between
-    two processes (ms), placed like the bench's workers (``cpus``: the
-    client's and the server's CPU, None for unpinned).
+    two processes (ms); ``cpus`` pins the client and the server (None: left
+    to the scheduler).
 
-    Two processes, not two threads of one: a room crosses processes, and two
-    threads of one process measure 0.03-0.15 ms on the same machine depending
-    on whether the scheduler happens to put every thread on one CPU."""
+    Two processes, as a room crosses two. Where they run matters more than
+    anything else on a virtual machine: on one CPU the round trip takes a
+    third of what it takes across two (docs/performance.md), and left alone
+    the scheduler sometimes does put both on one CPU."""
     ctx = mp.get_context("spawn")
     ports, out = ctx.Queue(), ctx.Queue()
     total = n + 50
@@ -715,8 +716,8 @@ def run_bench(
     then (``latency_probes``) a few rows with one room in flight; return the
     rows and the extras (``zmq_rtt_ms``). Each transport's processes are
     spawned once. ``pin`` keeps the encoder process on one CPU and the
-    language process on another (:func:`worker_cpus`); the ZeroMQ round trip
-    is then measured between two processes pinned the same way."""
+    language process on another (:func:`worker_cpus`). The ZeroMQ round trip
+    is measured between two processes on two different CPUs either way."""
     from .bootstrap import BootstrapServer
 
     schema = BufferSchema(hidden_size=hidden_size)
@@ -725,7 +726,11 @@ def run_bench(
     rows: list[BenchRow] = []
     enc_cpu, lang_cpu = worker_cpus(pin)
     cpus = "" if enc_cpu is None else f"{enc_cpu}/{lang_cpu}"
-    extras = {"zmq_rtt_ms": zmq_round_trip_ms(cpus=(lang_cpu, enc_cpu))}
+    # The baseline's two processes go on two different CPUs whether or not the
+    # workers are pinned: left to the scheduler, it sometimes puts both on one
+    # CPU, and the same round trip then takes a third of the time.
+    apart = worker_cpus(True)
+    extras = {"zmq_rtt_ms": zmq_round_trip_ms(cpus=(apart[1], apart[0]))}
     if "shm" in transports:
         # for reference: the same memcpy on one buffer, hot in the cache (what a
         # naive baseline reports; the rows' limit cycles through pool-sized

@@ -262,8 +262,8 @@ def _summary(
     "--pin/--no-pin",
     default=False,
     show_default=True,
-    help="Run the encoder and the language process on one CPU each (needs two CPUs; "
-    "the ZeroMQ baseline is placed the same way). See docs/performance.md.",
+    help="Run the encoder and the language process on one CPU each (needs two CPUs). "
+    "See docs/performance.md.",
 )
 def bench(
     transports: tuple[str, ...],
