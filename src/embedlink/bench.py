@@ -124,11 +124,11 @@ def _affinity() -> list[int] | None:
 def _pin(cpu: int | None) -> None:
     """Keep this process (every thread it starts from now on) on ``cpu``.
 
-    Why the bench offers it: a thread woken on another CPU must then take the
-    GIL from the thread that woke it, and on a virtual machine every wake-up
-    across CPUs costs tens of microseconds (docs/performance.md); a process
-    on one CPU of its own hands off between its threads in a few. Serving
-    deployments pin their workers for the same reason."""
+    Why the bench offers it: on a virtual machine waking a thread on another
+    CPU costs tens of microseconds, on the same CPU a few, so where the
+    processes run moves small-room latency; pinned, a process also cannot
+    spread its threads over the cores (docs/performance.md has both
+    effects)."""
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
 
@@ -554,16 +554,17 @@ def _zmq_rtt_client(cpu: int | None, port: int, n: int, out: Any) -> None:
     req.connect(f"tcp://127.0.0.1:{port}")
     msg = b"x" * 100
     times = []
+    warm = min(50, n // 4)  # the first ones set up the connection
     try:
         for i in range(n):
             t = time.perf_counter()
             req.send(msg)
             req.recv()
-            if i >= 50:  # the first ones set up the connection
+            if i >= warm:
                 times.append(time.perf_counter() - t)
         out.put(statistics.median(times) * 1e3)
-    except zmq.ZMQError as exc:
-        out.put(f"ZeroMQ round trip failed: {exc}")
+    except Exception as exc:  # reported to the parent, which raises it
+        out.put(f"ZeroMQ round trip failed: {type(exc).__name__}: {exc}")
     finally:
         req.close(0)
         ctx.term()
@@ -585,10 +586,15 @@ def zmq_round_trip_ms(n: int = 2000, cpus: tuple[int | None, int | None] = (None
     server.start()
     client = None
     try:
-        port = ports.get(timeout=60)
-        client = ctx.Process(target=_zmq_rtt_client, args=(cpus[0], port, total, out), daemon=True)
-        client.start()
-        result = out.get(timeout=60)
+        try:
+            port = ports.get(timeout=60)
+            client = ctx.Process(
+                target=_zmq_rtt_client, args=(cpus[0], port, total, out), daemon=True
+            )
+            client.start()
+            result = out.get(timeout=60)
+        except queue.Empty:
+            raise RuntimeError("ZeroMQ round trip: a process gave no answer in 60 s") from None
     finally:
         for p in (client, server):
             if p is not None:
