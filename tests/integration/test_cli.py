@@ -54,23 +54,15 @@ def test_cli_demo_rejects_bad_flags():
     assert "min-tokens" in p.stdout + p.stderr
 
 
+def quick_bench(*args):
+    """``embedlink bench --quick --json`` at hidden size 256, plus ``args``."""
+    cmd = [sys.executable, "-m", "embedlink.cli", "bench", "--quick", "--json"]
+    return run(*cmd, "--hidden-size", "256", *args, timeout=300)
+
+
 def test_cli_bench_quick_json_and_plot(tmp_path):
     png = tmp_path / "bench.png"
-    p = run(
-        sys.executable,
-        "-m",
-        "embedlink.cli",
-        "bench",
-        "--quick",
-        "--json",
-        "--rooms",
-        "12",
-        "--hidden-size",
-        "256",
-        "--plot",
-        str(png),
-        timeout=300,
-    )
+    p = quick_bench("--rooms", "12", "--plot", str(png))
     assert p.returncode == 0, p.stderr[-3000:]
     import json
 
@@ -179,22 +171,7 @@ def test_cli_bench_pin_runs_each_worker_on_its_own_cpu():
     import json
     import os
 
-    p = run(
-        sys.executable,
-        "-m",
-        "embedlink.cli",
-        "bench",
-        "--quick",
-        "--json",
-        "--pin",
-        "-t",
-        "shm",
-        "--rooms",
-        "8",
-        "--hidden-size",
-        "256",
-        timeout=300,
-    )
+    p = quick_bench("--pin", "-t", "shm", "--rooms", "8")
     assert p.returncode == 0, p.stderr[-3000:]
     rows = json.loads(p.stdout)
     available = sorted(os.sched_getaffinity(0))
