@@ -360,11 +360,7 @@ class BlockAllocator:
                 for s in self._starts:
                     start = s + self._spares.get(s, 0)
                     if s + self._lens[s] - start >= n + spare:
-                        if start > s:  # leave the skipped spare free
-                            self._lens[start] = self._lens[s] - (start - s)
-                            self._lens[s] = start - s
-                            bisect.insort(self._starts, start)
-                        got = self._take(start, n)
+                        got = self._take_at(s, start, n)  # the skipped spare stays free
                         self._spares[start + n] = spare
                         return got
             return self._alloc_locked(n)
@@ -421,11 +417,7 @@ class BlockAllocator:
             s = self._starts[i]
             if s + self._lens[s] < start + num_blocks:
                 return None
-            if start > s:  # split the extent so that one starts at ``start``
-                self._lens[start] = s + self._lens[s] - start
-                self._lens[s] = start - s
-                self._starts.insert(i + 1, start)
-            return self._take(start, num_blocks)
+            return self._take_at(s, start, num_blocks)
 
     def wait_all_free(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until every block is free; True if so."""
@@ -487,6 +479,15 @@ class BlockAllocator:
             if self._lens[s] >= n:
                 return self._take(s, n)
         return None
+
+    def _take_at(self, s: int, start: int, n: int) -> list[BlockId]:
+        """Take ``n`` blocks from ``start``, inside the free extent that begins
+        at ``s`` (split in two first when ``start > s``)."""
+        if start > s:
+            self._lens[start] = s + self._lens[s] - start
+            self._lens[s] = start - s
+            bisect.insort(self._starts, start)
+        return self._take(start, n)
 
     def _take(self, start: int, n: int) -> list[BlockId]:
         length = self._lens.pop(start)
