@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Loop", "check_endpoint_knobs"]
 
 SocketHandler = Callable[[zmq.Socket[bytes]], None]
+FdHandler = Callable[[], None]
 
 
 class Loop:
@@ -48,6 +49,8 @@ class Loop:
         self._poller = zmq.Poller()
         self._poller.register(self._rfd, zmq.POLLIN)
         self._handlers: dict[zmq.Socket[bytes], SocketHandler] = {}
+        self._fd_handlers: dict[int, FdHandler] = {}
+        self._fd_writable: set[int] = set()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._stopped = threading.Event()
@@ -132,6 +135,30 @@ class Loop:
         if self._handlers.pop(sock, None) is not None:
             self._poller.unregister(sock)
 
+    def add_fd(self, fd: int, handler: FdHandler) -> None:
+        """Call ``handler()`` whenever ``fd`` is readable (or writable, while
+        :meth:`watch_writable` says so). Loop thread, or before :meth:`start`."""
+        self._fd_handlers[fd] = handler
+        self._poller.register(fd, zmq.POLLIN)
+
+    def watch_writable(self, fd: int, on: bool) -> None:
+        """Also wake for ``fd`` becoming writable (``on``), or stop. Cheap when
+        nothing changes, so callers may say it after every send."""
+        if on == (fd in self._fd_writable) or fd not in self._fd_handlers:
+            return
+        if on:
+            self._fd_writable.add(fd)
+            self._poller.modify(fd, zmq.POLLIN | zmq.POLLOUT)
+        else:
+            self._fd_writable.discard(fd)
+            self._poller.modify(fd, zmq.POLLIN)
+
+    def remove_fd(self, fd: int) -> None:
+        """Stop watching ``fd``; call it before closing the descriptor."""
+        if self._fd_handlers.pop(fd, None) is not None:
+            self._fd_writable.discard(fd)
+            self._poller.unregister(fd)
+
     def _set_stopping(self) -> None:
         self._stopping = True
 
@@ -165,6 +192,11 @@ class Loop:
             for sock, handler in list(self._handlers.items()):
                 if sock in ready:
                     self._guard(handler, sock)
+            if self._fd_handlers:
+                for fd, fd_handler in list(self._fd_handlers.items()):
+                    # a handler may have removed a later fd (a lane it closed)
+                    if fd in ready and fd in self._fd_handlers:
+                        self._guard(fd_handler)
             now = time.monotonic()
             if now >= next_tick:
                 self._guard(self._tick, now)

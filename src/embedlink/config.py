@@ -256,6 +256,15 @@ SETTINGS: tuple[Setting, ...] = (
         _ENC,
         check=_choice("auto", "poll", "spin"),
     ),
+    Setting(
+        "local_control",
+        "bool",
+        True,
+        "control messages between an encoder and a language rank on the same host go over a "
+        "Unix socket instead of ZeroMQ (fewer thread wake-ups per room; see "
+        "docs/performance.md); other peers use ZeroMQ either way",
+        _ENDPOINTS,
+    ),
     # -- parallelism
     Setting(
         "tp_rank", "int", 0, "this rank's tensor-parallel rank", _ENDPOINTS, check=_non_negative
@@ -436,7 +445,7 @@ class Config:
         shared = (
             "num_blocks", "block_size", "tp_rank", "tp_size", "dp_size", "host",
             "room_timeout", "bootstrap_timeout", "heartbeat_interval", "heartbeat_misses",
-            "room_ttl", "auth_secret", "metrics_port", "device",
+            "room_ttl", "auth_secret", "metrics_port", "device", "local_control",
         )  # fmt: skip
         kw: dict[str, Any] = {name: v[name] for name in shared}
         kw.update(transports=tuple(v["transports"]), transport_options=self.transport_options())

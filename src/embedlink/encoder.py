@@ -1,18 +1,22 @@
 """The sending side: :class:`EncoderEndpoint` and its per-room :class:`Sender`.
 
 An encoder endpoint owns a block pool, a ZeroMQ ROUTER socket on which
-language ranks register and request rooms, a pool of data-plane writer
-threads, and the :class:`~embedlink.protocol.SenderRoom` of every live room.
-It registers its control address with the bootstrap server.
+language ranks register and request rooms (and, for those on the same host,
+a Unix socket carrying the same messages: ``_lane``), a pool of data-plane
+writer threads, and the :class:`~embedlink.protocol.SenderRoom` of every live
+room. It registers its control address with the bootstrap server.
 
-Threads: the endpoint's loop thread owns the socket and the room table; the
+Threads: the endpoint's loop thread owns the sockets and the room table; the
 writer threads only move bytes and report back to the loop; the user's thread
 copies embeddings into the pool (``send``) and reads statuses (``poll``).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from . import _lane
 from ._host import host_id
 from ._loop import Loop, check_endpoint_knobs
 from .auth import Authenticator
@@ -298,6 +303,7 @@ class EncoderEndpoint:
         auth_secret: str | bytes | None = None,
         metrics_port: int | None = None,
         on_request: Callable[[RoomId], None] | None = None,
+        local_control: bool = True,
     ) -> None:
         check_endpoint_knobs(
             tp_rank=tp_rank,
@@ -326,6 +332,7 @@ class EncoderEndpoint:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
         self._on_request = on_request
+        self.local_control = local_control
         # cleared rooms that still have a write in flight (kept for peer death)
         self._orphans: set[SenderRoom] = set()
         # terminal rooms in the order they ended, collected after room_ttl
@@ -350,6 +357,9 @@ class EncoderEndpoint:
         self._lock = threading.Lock()
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._sock: zmq.Socket[bytes] | None = None
+        self._listener: socket.socket | None = None  # same-host control lanes
+        self._lanes: dict[bytes, _lane.Lane] = {}  # by the identity they stand for
+        self._lane_ids = itertools.count(1)
         self._write_workers = write_workers
         self._workers = ThreadPoolExecutor(
             max_workers=write_workers, thread_name_prefix="embedlink-write"
@@ -379,6 +389,10 @@ class EncoderEndpoint:
             self.port = sock.bind_to_random_port(f"tcp://{self.host}")
         self._sock = sock
         self._loop.add_socket(sock, self._on_readable)
+        if self.local_control:
+            self._listener = _lane.listen(self.address)
+            if self._listener is not None:
+                self._loop.add_fd(self._listener.fileno(), self._on_lane_accept)
         self._loop.start()
         self._started = True
         if self.metrics_port is not None:
@@ -418,6 +432,10 @@ class EncoderEndpoint:
             p.close_writer()
         if self._sock is not None:
             self._sock.close(0)
+        for lane in self._lanes.values():
+            lane.close()
+        if self._listener is not None:
+            self._listener.close()
         if self._ctx is not None:
             self._ctx.term()
         self.allocator.wake()
@@ -499,6 +517,7 @@ class EncoderEndpoint:
                 {
                     "session": p.session,
                     "transport": p.transport,
+                    "control": "unix" if p.identity in self._lanes else "zmq",
                     "alive": p.refused is None,
                     "refused": p.refused,
                     "last_seen_s": round(now - p.last_seen, 3),
@@ -546,20 +565,53 @@ class EncoderEndpoint:
             if len(frames) != 2:
                 self.stats.dropped_messages += 1
                 continue
-            identity, payload = frames
-            opened = self._auth.open(payload)
-            if opened is None:
-                self.stats.unauthenticated_messages += 1
-                self.metrics.unauthenticated.labels("encoder").inc()
-                continue
-            try:
-                msg = decode(opened)
-            except RemoteProtocolError as exc:
-                self.stats.dropped_messages += 1
-                self.metrics.dropped.labels("encoder").inc()
-                log.warning("encoder: dropped a bad control message: %s", exc)
-                continue
-            self._dispatch(identity, msg)
+            self._on_payload(*frames)
+
+    def _on_payload(self, identity: bytes, payload: bytes) -> None:
+        """One control message from ``identity`` (a ZeroMQ peer or a lane)."""
+        opened = self._auth.open(payload)
+        if opened is None:
+            self.stats.unauthenticated_messages += 1
+            self.metrics.unauthenticated.labels("encoder").inc()
+            return
+        try:
+            msg = decode(opened)
+        except RemoteProtocolError as exc:
+            self.stats.dropped_messages += 1
+            self.metrics.dropped.labels("encoder").inc()
+            log.warning("encoder: dropped a bad control message: %s", exc)
+            return
+        self._dispatch(identity, msg)
+
+    def _on_lane_accept(self) -> None:
+        assert self._listener is not None
+        for lane in _lane.accept(self._listener):
+            identity = b"lane/%d" % next(self._lane_ids)
+            self._lanes[identity] = lane
+            self._loop.add_fd(lane.fileno(), functools.partial(self._on_lane_ready, identity))
+
+    def _on_lane_ready(self, identity: bytes) -> None:
+        lane = self._lanes[identity]
+        lane.flush()
+        payloads, closed = lane.receive()
+        for payload in payloads:
+            self._on_payload(identity, payload)
+        if closed is not None:
+            self._lane_closed(identity, closed)
+        elif not lane.closed:
+            self._loop.watch_writable(lane.fileno(), lane.wants_write)
+
+    def _lane_closed(self, identity: bytes, why: str) -> None:
+        """A language endpoint on this host closed its lane (it closed, died or
+        gave up on us): its session is dead now, without waiting for missed
+        heartbeats. Unless it has registered again over another connection
+        meanwhile: then the session lives on there."""
+        lane = self._lanes.pop(identity)
+        self._loop.remove_fd(lane.fileno())
+        lane.close()
+        for peer in list(self._peers.values()):
+            if peer.identity == identity and peer.refused is None:
+                self._peer_dead(peer, f"its same-host control connection ended ({why})")
 
     def _dispatch(self, identity: bytes, msg: Message) -> None:
         now = time.monotonic()
@@ -692,6 +744,13 @@ class EncoderEndpoint:
 
     def _send_raw(self, identity: bytes, msg: Message) -> None:
         assert self._sock is not None
+        lane = self._lanes.get(identity)
+        if lane is not None:
+            if not lane.send(self._auth.seal(encode(msg))):
+                self.stats.dropped_messages += 1
+                log.info("encoder: could not send %s: lane closed or full", type(msg).__name__)
+            self._loop.watch_writable(lane.fileno(), lane.wants_write)
+            return
         try:
             self._sock.send_multipart([identity, self._auth.seal(encode(msg))], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or queue full
@@ -782,18 +841,27 @@ class EncoderEndpoint:
                 peer.misses = silent
             if now - peer.last_seen <= limit:
                 continue
-            reason = f"no heartbeat from {peer.session} for {now - peer.last_seen:.1f}s"
-            peer.refused = f"session declared dead ({reason}); register again"
-            self.stats.dead_sessions += 1
-            self.metrics.dead_peers.labels("encoder").inc()
-            log.warning("encoder: %s", peer.refused)
-            peer.close_writer()
-            for room in list(self._rooms.values()):
-                if peer.session in room.dsts:
-                    self._run(room, room.peer_dead(peer.session, now, reason))
-            for room in list(self._orphans):
-                if peer.session in room.dsts:
-                    self._run(room, room.peer_dead(peer.session, now, reason))
+            self._peer_dead(
+                peer, f"no heartbeat from {peer.session} for {now - peer.last_seen:.1f}s"
+            )
+
+    def _peer_dead(self, peer: _Peer, reason: str) -> None:
+        """Fail every room that writes to ``peer`` (their blocks come back) and
+        refuse the session until it registers again."""
+        now = time.monotonic()
+        peer.refused = f"session declared dead ({reason}); register again"
+        self.stats.dead_sessions += 1
+        self.metrics.dead_peers.labels("encoder").inc()
+        # a language endpoint that closes ends its lane: news only if rooms suffer
+        busy = any(peer.session in r.dsts and not r.done for r in self._rooms.values())
+        log.log(logging.WARNING if busy else logging.INFO, "encoder: %s", peer.refused)
+        peer.close_writer()
+        for room in list(self._rooms.values()):
+            if peer.session in room.dsts:
+                self._run(room, room.peer_dead(peer.session, now, reason))
+        for room in list(self._orphans):
+            if peer.session in room.dsts:
+                self._run(room, room.peer_dead(peer.session, now, reason))
 
     def _write_done(self, room: SenderRoom, dst: SessionId, ok: bool, reason: str | None) -> None:
         self._run(room, room.write_done(dst, ok, time.monotonic(), reason))

@@ -2,7 +2,8 @@
 
 A language endpoint owns a block pool (in shared memory when ``shm`` is
 offered), the transport servers that let encoders write into it, one ZeroMQ
-DEALER per encoder rank it talks to, and the
+DEALER per encoder rank it talks to (or, for an encoder on the same host, a
+Unix socket carrying the same messages: ``_lane``), and the
 :class:`~embedlink.protocol.ReceiverRoom` of every live room. It drives
 resumes itself: after each partial chunk it copies the data out into the
 request's own arrays, frees the blocks, reserves the rest (or what the pool
@@ -20,6 +21,7 @@ encoder frees its pool, and the rooms waiting on it can proceed.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import random
 import threading
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from . import _lane
 from ._host import host_id
 from ._loop import Loop, check_endpoint_knobs
 from .auth import Authenticator
@@ -49,6 +52,7 @@ from .protocol import (
     FreeBlocks,
     Harvest,
     Heartbeat,
+    Message,
     ReceiverRoom,
     RegionDesc,
     Register,
@@ -90,11 +94,33 @@ def route_for(
 
 @dataclass
 class _Encoder:
+    """The control connection to one encoder rank: a ZeroMQ DEALER, or a lane
+    when the encoder runs on this host."""
+
     address: str
-    sock: zmq.Socket[bytes]
+    sock: zmq.Socket[bytes] | None
+    lane: _lane.Lane | None = None
     last_seen: float = field(default_factory=time.monotonic)
     last_ping: float = 0.0
     seq: int = 0
+
+    @property
+    def control(self) -> str:
+        return "zmq" if self.lane is None else "unix"
+
+    def send(self, payload: bytes) -> bool:
+        """Send one sealed message; False when it was dropped."""
+        if self.lane is not None:
+            return self.lane.send(payload)
+        assert self.sock is not None
+        self.sock.send(payload)
+        return True
+
+    def close(self) -> None:
+        if self.lane is not None:
+            self.lane.close()
+        if self.sock is not None:
+            self.sock.close(0)
 
 
 @dataclass
@@ -219,6 +245,7 @@ class LanguageEndpoint:
         metrics_port: int | None = None,
         transport_options: Mapping[str, Mapping[str, str]] | None = None,
         device: str | None = None,
+        local_control: bool = True,
     ) -> None:
         if not transports:
             raise ValueError("offer at least one transport")
@@ -251,6 +278,8 @@ class LanguageEndpoint:
         self.zero_copy = zero_copy
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
+        #: reach encoders on this host over a Unix socket (``_lane``), not ZeroMQ
+        self.local_control = local_control
         self.dead_encoders = 0
         #: terminal rooms never cleared are forgotten (and their blocks freed) after this
         self.room_ttl = room_ttl
@@ -330,7 +359,7 @@ class LanguageEndpoint:
         if self._started:
             self._loop.stop()
         for e in self._encoders.values():
-            e.sock.close(0)
+            e.close()
         if self._ctx is not None:
             self._ctx.term()
         for s in self._servers:
@@ -431,6 +460,7 @@ class LanguageEndpoint:
             "peers": [
                 {
                     "encoder": address,
+                    "control": e.control,
                     "alive": now - e.last_seen <= limit,
                     "last_seen_s": round(now - e.last_seen, 3),
                 }
@@ -475,16 +505,44 @@ class LanguageEndpoint:
         if enc is not None:
             return enc
         assert self._ctx is not None
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, 2 << 20)
-        sock.connect(f"tcp://{address}")
-        enc = _Encoder(address, sock)
+        lane = _lane.connect(address) if self.local_control else None
+        if lane is not None:
+            enc = _Encoder(address, None, lane)
+            self._loop.add_fd(lane.fileno(), functools.partial(self._on_lane_ready, enc))
+        else:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, 2 << 20)
+            sock.connect(f"tcp://{address}")
+            enc = _Encoder(address, sock)
+            self._by_sock[sock] = enc
+            self._loop.add_socket(sock, self._on_readable)
         self._encoders[address] = enc
-        self._by_sock[sock] = enc
-        self._loop.add_socket(sock, self._on_readable)
-        sock.send(self._auth.seal(encode(self._register())))
+        self._send(enc, self._register())
         return enc
+
+    def _send(self, enc: _Encoder, msg: Message) -> None:
+        if not enc.send(self._auth.seal(encode(msg))):
+            self.dropped_messages += 1
+            log.info("language: could not send %s to %s", type(msg).__name__, enc.address)
+        if enc.lane is not None:
+            self._loop.watch_writable(enc.lane.fileno(), enc.lane.wants_write)
+
+    def _on_lane_ready(self, enc: _Encoder) -> None:
+        lane = enc.lane
+        assert lane is not None
+        lane.flush()
+        payloads, closed = lane.receive()
+        for payload in payloads:
+            self._on_payload(enc, payload)
+        if closed is not None:
+            # The encoder's endpoint closed or its process died: nothing
+            # more can come from it, so its rooms fail now rather than after
+            # the missed heartbeats.
+            if self._encoders.get(enc.address) is enc:
+                self._encoder_dead(enc, f"control connection to encoder {enc.address}: {closed}")
+        elif not lane.closed:
+            self._loop.watch_writable(lane.fileno(), lane.wants_write)
 
     def _register(self) -> Register:
         names = [*self.schema.names, AUX_FIELD]
@@ -538,63 +596,63 @@ class LanguageEndpoint:
             live.queued = False
 
     def _on_readable(self, sock: zmq.Socket[bytes]) -> None:
+        enc = self._by_sock.get(sock)
         for _ in range(256):
             try:
                 payload = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            opened = self._auth.open(payload)
-            if opened is None:
-                self.unauthenticated_messages += 1
-                self.metrics.unauthenticated.labels("language").inc()
-                continue
-            try:
-                msg = decode(opened)
-            except RemoteProtocolError as exc:
-                self.dropped_messages += 1
-                self.metrics.dropped.labels("language").inc()
-                log.warning("language: dropped a bad control message: %s", exc)
-                continue
-            now = time.monotonic()
-            enc = self._by_sock.get(sock)
             if enc is not None:
-                enc.last_seen = now
-            if isinstance(msg, Heartbeat):
-                if msg.reply:
-                    sock.send(
-                        self._auth.seal(
-                            encode(Heartbeat(session=self.session, seq=msg.seq, reply=False))
-                        )
-                    )
-                elif not msg.registered:
-                    # The encoder forgot us (it restarted, or declared us dead
-                    # while we were stalled): introduce ourselves again.
-                    sock.send(self._auth.seal(encode(self._register())))
-                continue
-            if not isinstance(msg, StatusUpdate | Abort):
-                self.dropped_messages += 1
-                continue
-            live = self._zombies.get((msg.room, msg.epoch))
-            if live is None:
-                live = self._rooms.get(msg.room)
-            if live is None:
-                self.ignored_inputs += 1
-                log.debug("language: message for unknown room %d", msg.room)
-                continue
-            if isinstance(msg, StatusUpdate):
-                acts = live.room.status_update(msg, now)
-            else:
-                acts = live.room.peer_abort(msg, now)
-            self._run(live, acts)
-            if not live.room.holds_blocks:
-                self._zombies.pop((live.room.room, live.room.epoch), None)
+                self._on_payload(enc, payload)
+
+    def _on_payload(self, enc: _Encoder, payload: bytes) -> None:
+        """One control message from encoder ``enc`` (over ZeroMQ or a lane)."""
+        opened = self._auth.open(payload)
+        if opened is None:
+            self.unauthenticated_messages += 1
+            self.metrics.unauthenticated.labels("language").inc()
+            return
+        try:
+            msg = decode(opened)
+        except RemoteProtocolError as exc:
+            self.dropped_messages += 1
+            self.metrics.dropped.labels("language").inc()
+            log.warning("language: dropped a bad control message: %s", exc)
+            return
+        now = time.monotonic()
+        enc.last_seen = now
+        if isinstance(msg, Heartbeat):
+            if msg.reply:
+                self._send(enc, Heartbeat(session=self.session, seq=msg.seq, reply=False))
+            elif not msg.registered:
+                # The encoder forgot us (it restarted, or declared us dead
+                # while we were stalled): introduce ourselves again.
+                self._send(enc, self._register())
+            return
+        if not isinstance(msg, StatusUpdate | Abort):
+            self.dropped_messages += 1
+            return
+        live = self._zombies.get((msg.room, msg.epoch))
+        if live is None:
+            live = self._rooms.get(msg.room)
+        if live is None:
+            self.ignored_inputs += 1
+            log.debug("language: message for unknown room %d", msg.room)
+            return
+        if isinstance(msg, StatusUpdate):
+            acts = live.room.status_update(msg, now)
+        else:
+            acts = live.room.peer_abort(msg, now)
+        self._run(live, acts)
+        if not live.room.holds_blocks:
+            self._zombies.pop((live.room.room, live.room.epoch), None)
 
     def _run(self, live: _Live, actions: list[Action]) -> None:
         freed = False
         for a in actions:
             if isinstance(a, Send):
                 if live.encoder is not None:
-                    live.encoder.sock.send(self._auth.seal(encode(a.msg)))
+                    self._send(live.encoder, a.msg)
             elif isinstance(a, Reserve):
                 self._reserve(live, a.tokens)
             elif isinstance(a, Harvest):
@@ -773,19 +831,9 @@ class LanguageEndpoint:
         limit = self.heartbeat_interval * self.heartbeat_misses
         for address, enc in list(self._encoders.items()):
             if now - enc.last_seen > limit:
-                reason = f"no answer from encoder {address} for {now - enc.last_seen:.1f}s"
-                log.warning("language: %s", reason)
-                self.dead_encoders += 1
-                self.metrics.dead_peers.labels("language").inc()
-                del self._encoders[address]
-                self._by_sock.pop(enc.sock, None)
-                self._loop.remove_socket(enc.sock)
-                enc.sock.close(0)
-                for live in [*self._rooms.values(), *self._zombies.values()]:
-                    if live.encoder is enc:
-                        self._dequeue(live)
-                        self._run(live, live.room.peer_dead(now, reason))
-                self._zombies = {k: v for k, v in self._zombies.items() if v.encoder is not enc}
+                self._encoder_dead(
+                    enc, f"no answer from encoder {address} for {now - enc.last_seen:.1f}s"
+                )
                 continue
             if now - enc.last_ping >= self.heartbeat_interval:
                 if enc.last_ping and enc.last_seen < enc.last_ping:
@@ -793,8 +841,25 @@ class LanguageEndpoint:
                     self.metrics.heartbeat_misses.labels("language").inc()
                 enc.last_ping = now
                 enc.seq += 1
-                enc.sock.send(
-                    self._auth.seal(
-                        encode(Heartbeat(session=self.session, seq=enc.seq, reply=True))
-                    )
-                )
+                self._send(enc, Heartbeat(session=self.session, seq=enc.seq, reply=True))
+
+    def _encoder_dead(self, enc: _Encoder, reason: str) -> None:
+        """Every room that depends on ``enc`` fails, its blocks come back
+        (nothing more can land), and the next room for that address connects
+        afresh."""
+        now = time.monotonic()
+        log.warning("language: %s", reason)
+        self.dead_encoders += 1
+        self.metrics.dead_peers.labels("language").inc()
+        del self._encoders[enc.address]
+        if enc.sock is not None:
+            self._by_sock.pop(enc.sock, None)
+            self._loop.remove_socket(enc.sock)
+        if enc.lane is not None:
+            self._loop.remove_fd(enc.lane.fileno())
+        enc.close()
+        for live in [*self._rooms.values(), *self._zombies.values()]:
+            if live.encoder is enc:
+                self._dequeue(live)
+                self._run(live, live.room.peer_dead(now, reason))
+        self._zombies = {k: v for k, v in self._zombies.items() if v.encoder is not enc}

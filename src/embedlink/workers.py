@@ -137,6 +137,7 @@ def _endpoint_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
         heartbeat_interval=float(cfg.get("heartbeat_interval", 2.0)),
         heartbeat_misses=int(cfg.get("heartbeat_misses", 3)),
         auth_secret=cfg.get("auth_secret"),
+        local_control=bool(cfg.get("local_control", True)),
     )
 
 

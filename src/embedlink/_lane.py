@@ -1,0 +1,207 @@
+"""A same-host control channel: the control messages over a Unix-domain socket.
+
+Why it exists: through ZeroMQ, one control message passes three threads (the
+sending thread, ZeroMQ's I/O thread in each process) before it reaches the
+thread that acts on it. On a virtual machine every wake-up of a thread on
+another CPU costs tens of microseconds, and a room takes two messages
+(docs/performance.md, "Small rooms"). A Unix socket that each endpoint's loop
+polls itself delivers a message with one wake-up, straight into that loop.
+
+What it carries: exactly the payloads the ZeroMQ sockets carry (sealed,
+encoded messages), each framed by a 4-byte big-endian length on a stream
+socket. A stream, not ``SOCK_SEQPACKET``: a packet socket limits a message to
+the socket's send buffer (about 200 KB unless an administrator raises
+``net.core.wmem_max``), and ZeroMQ's limit is 2 MiB.
+
+How peers find it: an encoder listens on an abstract-namespace name made from
+the address it advertises (``host:port`` of its ZeroMQ socket); a language
+endpoint told to reach that address tries the name first. Abstract names live
+in the network namespace, so the name is found exactly when both run in one
+namespace on one host, and is gone as soon as the encoder's socket closes.
+Anywhere else (another host, another namespace, an OS without abstract
+sockets) the connect fails and the endpoint uses ZeroMQ as before.
+
+Contract of :class:`Lane`: one owner thread (the endpoint's loop), never
+blocks. :meth:`Lane.send` queues what the kernel does not take at once and
+drops a message, reporting it, only once ``MAX_BACKLOG`` bytes wait for a
+peer that does not read (ZeroMQ drops at its high-water mark the same way).
+A frame longer than ``MAX_FRAME`` ends the connection, as ZeroMQ's
+``MAXMSGSIZE`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import sys
+
+__all__ = ["MAX_BACKLOG", "MAX_FRAME", "Lane", "accept", "connect", "lane_name", "listen"]
+
+log = logging.getLogger(__name__)
+
+#: the largest message, as ZeroMQ's MAXMSGSIZE on the endpoints' sockets
+MAX_FRAME = 2 << 20
+#: bytes a lane queues for a peer that does not read before it drops messages
+MAX_BACKLOG = 16 << 20
+_HEADER = struct.Struct(">I")
+_CHUNK = 1 << 16
+#: reads per call to :meth:`Lane.receive`, so one busy peer cannot hold the loop
+_READS = 16
+
+SUPPORTED = sys.platform.startswith("linux")
+
+
+def lane_name(address: str) -> bytes:
+    """The abstract socket name of the encoder advertising ``address``."""
+    return b"\0embedlink-control/" + address.encode()
+
+
+def listen(address: str) -> socket.socket | None:
+    """A non-blocking listening socket for ``address``'s lane, or None (with
+    the reason logged) where lanes are not supported or the name is taken."""
+    if not SUPPORTED:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(lane_name(address))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        log.warning("no same-host control socket for %s (%s): ZeroMQ only", address, exc)
+        return None
+    sock.setblocking(False)
+    return sock
+
+
+def accept(listener: socket.socket) -> list[Lane]:
+    """Every connection waiting on ``listener``, each as a :class:`Lane`."""
+    out: list[Lane] = []
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return out
+        except OSError as exc:  # e.g. out of file descriptors: the peer falls back to waiting
+            log.warning("same-host control socket: accept failed: %s", exc)
+            return out
+        out.append(Lane(conn))
+
+
+def connect(address: str, timeout: float = 1.0) -> Lane | None:
+    """A lane to the encoder advertising ``address`` when one listens in this
+    network namespace, else None (the caller uses ZeroMQ)."""
+    if not SUPPORTED:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)  # a full accept queue makes connect wait
+    try:
+        sock.connect(lane_name(address))
+    except OSError:
+        sock.close()
+        return None
+    return Lane(sock)
+
+
+class Lane:
+    """One end of a framed, non-blocking Unix stream connection."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._inbox = bytearray()
+        self._outbox = bytearray()  # frames, or their tails, the kernel has not taken
+        self.closed = False
+        #: messages given to :meth:`send` that will never be sent
+        self.dropped = 0
+
+    def fileno(self) -> int:
+        """The socket's descriptor (still valid for unregistering after close)."""
+        return self._fd
+
+    @property
+    def wants_write(self) -> bool:
+        """Bytes wait for the socket to become writable: poll it for output."""
+        return bool(self._outbox) and not self.closed
+
+    def send(self, payload: bytes) -> bool:
+        """Send one message or queue it behind earlier ones; False when it is
+        dropped (the lane is closed, or ``MAX_BACKLOG`` bytes already wait)."""
+        if self.closed or len(payload) > MAX_FRAME:
+            self.dropped += 1
+            return False
+        header = _HEADER.pack(len(payload))
+        if self._outbox:
+            if len(self._outbox) + len(payload) + 4 > MAX_BACKLOG:
+                self.dropped += 1
+                return False
+            self._outbox += header
+            self._outbox += payload
+            return True
+        try:
+            n = self._sock.sendmsg((header, payload))
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self.close()
+            self.dropped += 1
+            return False
+        if n < len(payload) + 4:
+            self._outbox += (header + payload)[n:]
+        return True
+
+    def flush(self) -> None:
+        """Hand queued bytes to the kernel, as many as it takes now."""
+        while self._outbox and not self.closed:
+            try:
+                n = self._sock.send(self._outbox)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.close()
+                return
+            del self._outbox[:n]
+
+    def receive(self) -> tuple[list[bytes], str | None]:
+        """The whole messages that arrived, and why the lane closed (None while
+        it is open). Messages that arrived before the end are returned too."""
+        if self.closed:
+            return [], "closed"
+        why = None
+        for _ in range(_READS):
+            try:
+                chunk = self._sock.recv(_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                why = f"connection error: {exc}"
+                break
+            if not chunk:
+                why = "connection closed by the peer"
+                break
+            self._inbox += chunk
+            if len(chunk) < _CHUNK:
+                break  # drained: spare the read that would only say so
+        frames: list[bytes] = []
+        buf, pos = self._inbox, 0
+        while len(buf) - pos >= 4:
+            (n,) = _HEADER.unpack_from(buf, pos)
+            if n > MAX_FRAME:
+                why = f"a message of {n} bytes, over the {MAX_FRAME}-byte limit"
+                break
+            if len(buf) - pos - 4 < n:
+                break
+            frames.append(bytes(buf[pos + 4 : pos + 4 + n]))
+            pos += 4 + n
+        del buf[:pos]
+        if why is not None:
+            self.close()
+        return frames, why
+
+    def close(self) -> None:
+        """Close the socket; queued bytes are lost. Idempotent."""
+        if not self.closed:
+            self.closed = True
+            self._outbox.clear()
+            self._sock.close()
