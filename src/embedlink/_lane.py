@@ -21,8 +21,10 @@ namespace on one host, and is gone as soon as the encoder's socket closes.
 Anywhere else (another host, another namespace, an OS without abstract
 sockets) the connect fails and the endpoint uses ZeroMQ as before.
 
-Contract of :class:`Lane`: one owner thread (the endpoint's loop), never
-blocks. :meth:`Lane.send` queues what the kernel does not take at once and
+Contract of :class:`Lane`: never blocks; one owner thread (the endpoint's
+loop) receives, flushes and closes, and :meth:`Lane.send` may be called from
+any thread (a language endpoint sends a room's request from the caller's
+thread, see ``LanguageEndpoint.receiver``). :meth:`Lane.send` queues what the kernel does not take at once and
 drops a message, reporting it, only once ``MAX_BACKLOG`` bytes wait for a
 peer that does not read (ZeroMQ drops at its high-water mark the same way).
 A frame longer than ``MAX_FRAME`` ends the connection, as ZeroMQ's
@@ -35,6 +37,7 @@ import logging
 import socket
 import struct
 import sys
+import threading
 
 __all__ = ["MAX_BACKLOG", "MAX_FRAME", "Lane", "accept", "connect", "lane_name", "listen"]
 
@@ -112,6 +115,8 @@ class Lane:
         self._fd = sock.fileno()
         self._inbox = bytearray()
         self._outbox = bytearray()  # frames, or their tails, the kernel has not taken
+        # senders on two threads must not interleave frames or the outbox
+        self._send_lock = threading.Lock()
         self.closed = False
         #: messages given to :meth:`send` that will never be sent
         self.dropped = 0
@@ -128,6 +133,10 @@ class Lane:
     def send(self, payload: bytes) -> bool:
         """Send one message or queue it behind earlier ones; False when it is
         dropped (the lane is closed, or ``MAX_BACKLOG`` bytes already wait)."""
+        with self._send_lock:
+            return self._send_locked(payload)
+
+    def _send_locked(self, payload: bytes) -> bool:
         if self.closed or len(payload) > MAX_FRAME:
             self.dropped += 1
             return False
@@ -144,7 +153,7 @@ class Lane:
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError:
-            self.close()
+            self._close_locked()
             self.dropped += 1
             return False
         if n < len(payload) + 4:
@@ -153,15 +162,16 @@ class Lane:
 
     def flush(self) -> None:
         """Hand queued bytes to the kernel, as many as it takes now."""
-        while self._outbox and not self.closed:
-            try:
-                n = self._sock.send(self._outbox)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self.close()
-                return
-            del self._outbox[:n]
+        with self._send_lock:
+            while self._outbox and not self.closed:
+                try:
+                    n = self._sock.send(self._outbox)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    self._close_locked()
+                    return
+                del self._outbox[:n]
 
     def receive(self) -> tuple[list[bytes], str | None]:
         """The whole messages that arrived, and why the lane closed (None while
@@ -201,6 +211,10 @@ class Lane:
 
     def close(self) -> None:
         """Close the socket; queued bytes are lost. Idempotent."""
+        with self._send_lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
         if not self.closed:
             self.closed = True
             self._outbox.clear()

@@ -758,6 +758,7 @@ class EncoderEndpoint:
             log.info("encoder: could not send %s: %s", type(msg).__name__, exc)
 
     def _run(self, room: SenderRoom, actions: list[Action]) -> None:
+        changes: list[StatusChanged] = []
         for a in actions:
             if isinstance(a, Send):
                 peer = self._peers.get(a.to) if a.to is not None else None
@@ -777,21 +778,24 @@ class EncoderEndpoint:
                 self.allocator.free(a.blocks)
                 self._orphans.discard(room)
             elif isinstance(a, StatusChanged):
-                if a.new is Status.Transferring:
-                    self.metrics.resumes.labels("encoder").inc()
-                if a.new.is_terminal:
-                    now = time.monotonic()
-                    self.metrics.ended(a.new.name, now - self._created.pop(room, now))
-                    self._ended[room] = now
-                    ev = self._events.get(room)
-                    if ev is not None:
-                        ev.set()
-                    if a.new is Status.Failed:
-                        log.info("encoder: room %d failed: %s", room.room, a.reason)
+                # bookkeeping: after the batch's messages have gone out
+                changes.append(a)
             elif isinstance(a, Drop):
                 self.stats.ignored_inputs += 1
                 self.metrics.ignored.labels("encoder").inc()
                 log.debug("encoder: %s", a.reason)
+        for a in changes:
+            if a.new is Status.Transferring:
+                self.metrics.resumes.labels("encoder").inc()
+            if a.new.is_terminal:
+                now = time.monotonic()
+                self.metrics.ended(a.new.name, now - self._created.pop(room, now))
+                self._ended[room] = now
+                ev = self._events.get(room)
+                if ev is not None:
+                    ev.set()
+                if a.new is Status.Failed:
+                    log.info("encoder: room %d failed: %s", room.room, a.reason)
 
     def _write(
         self, room: SenderRoom, w: WriteChunk, peer: _Peer | None, inline: bool = False
@@ -813,17 +817,19 @@ class EncoderEndpoint:
                 ok, reason = False, str(exc)
             except Exception as exc:  # a bug in a backend must still end the room
                 ok, reason = False, f"{type(exc).__name__}: {exc}"
-        if ok:
-            self.stats.bytes_written += w.plan.nbytes
-            self.stats.chunks_written += 1
-            transport = peer.transport if peer is not None and peer.transport else "?"
-            self.metrics.moved(transport, "sent", w.plan.nbytes, time.perf_counter() - t0)
-        else:
-            self.stats.write_failures += 1
+        seconds = time.perf_counter() - t0
+        # report first (a room's status reply waits on it), count afterwards
         if inline:
             self._write_done(room, w.dst, ok, reason)
         else:
             self._loop.call(self._write_done, room, w.dst, ok, reason)
+        if ok:
+            self.stats.bytes_written += w.plan.nbytes
+            self.stats.chunks_written += 1
+            transport = peer.transport if peer is not None and peer.transport else "?"
+            self.metrics.moved(transport, "sent", w.plan.nbytes, seconds)
+        else:
+            self.stats.write_failures += 1
 
     def _check_liveness(self, now: float) -> None:
         """Declare sessions dead that sent nothing (heartbeats included) for

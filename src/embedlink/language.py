@@ -27,7 +27,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +139,10 @@ class _Live:
     area_start: int | None = None
     #: ... and the part of it the next chunk is to land in (its reservation)
     extension: list[int] | None = None
+    #: the caller's thread is still starting the room (``receiver``'s fast
+    #: path): the loop queues what it would do to it in ``deferred`` instead
+    starting: bool = False
+    deferred: list[Callable[[], None]] = field(default_factory=list)
 
 
 class Receiver:
@@ -426,8 +430,68 @@ class LanguageEndpoint:
                     f"room {room} is still live on this language rank; clear() it first"
                 )
             self._rooms[room] = live
-        self._loop.call(self._start_room, live, encoder)
+            enc = self._encoders.get(encoder)
+            if enc is not None and enc.lane is not None and not enc.lane.closed:
+                live.starting = True
+        if not (live.starting and self._start_here(live, enc)):
+            self._loop.call(self._start_room, live, encoder)
         return Receiver(self, live)
+
+    def _start_here(self, live: _Live, enc: _Encoder | None) -> bool:
+        """Reserve the first blocks and send the request from the caller's
+        thread, over a same-host lane: the loop thread is not woken for it,
+        which saves a wake-up on every room's path (docs/performance.md).
+        False, with nothing done, when the loop must do it (the pool is short
+        or other rooms queue for blocks). The loop defers what it would do to
+        the room meanwhile (``_Live.starting``) and does it afterwards."""
+        assert enc is not None
+        now = time.monotonic()
+        (reserve,) = live.room.start(now)
+        assert isinstance(reserve, Reserve)
+        blocks = self._take_blocks(live, reserve.tokens, first_in_line=True)
+        if blocks is None:
+            with self._lock:
+                live.starting = False
+                deferred, live.deferred = live.deferred, []
+            for fn in deferred:
+                self._loop.call(fn)
+            return False
+        live.encoder = enc
+        tokens = min(reserve.tokens, len(blocks) * self.block_size)
+        later: list[Action] = []
+        sent = True
+        for a in live.room.reserved(blocks, tokens, now):
+            if isinstance(a, Send):
+                sent = self._send(enc, a.msg) and sent
+            elif not (isinstance(a, StatusChanged) and not a.new.is_terminal):
+                later.append(a)  # nothing else is expected; the loop handles it
+        with self._lock:
+            live.starting = False
+            deferred, live.deferred = live.deferred, []
+        if later:
+            self._loop.call(self._run, live, later)
+        for fn in deferred:
+            self._loop.call(fn)
+        if not sent:
+            # the lane closed under us: its encoder is being declared dead
+            self._loop.call(self._lost_before_start, live, enc)
+        return True
+
+    def _lost_before_start(self, live: _Live, enc: _Encoder) -> None:
+        if not live.room.done:
+            reason = f"control connection to encoder {enc.address} closed"
+            self._run(live, live.room.peer_dead(time.monotonic(), reason))
+
+    def _defer(self, live: _Live, fn: Callable[[], None]) -> bool:
+        """Queue ``fn`` for after a room's fast start; False when it is not
+        starting (run ``fn`` now). Loop thread."""
+        if not live.starting:
+            return False
+        with self._lock:
+            if live.starting:
+                live.deferred.append(fn)
+                return True
+        return False
 
     @property
     def metrics_address(self) -> str | None:
@@ -486,14 +550,15 @@ class LanguageEndpoint:
     # -- routing
 
     def _route(self, bootstrap: str, room: RoomId, dp_group: int | None) -> tuple[str, int]:
-        client = BootstrapClient(bootstrap, auth_secret=self._auth.key)
         if bootstrap not in self._sizes:
+            client = BootstrapClient(bootstrap, auth_secret=self._auth.key)
             self._sizes[bootstrap] = client.sizes()
         enc_tp, enc_dp = self._sizes[bootstrap]
         enc_rank, required = route_for(self.tp_rank, self.tp_size, self.dp_size, enc_tp)
         group = room % enc_dp if dp_group is None else dp_group
         key = (bootstrap, enc_rank, group)
         if key not in self._routes:
+            client = BootstrapClient(bootstrap, auth_secret=self._auth.key)
             self._routes[key] = client.lookup(enc_rank, group)
         ip, port = self._routes[key]
         return f"{ip}:{port}", required
@@ -521,11 +586,22 @@ class LanguageEndpoint:
         self._send(enc, self._register())
         return enc
 
-    def _send(self, enc: _Encoder, msg: Message) -> None:
-        if not enc.send(self._auth.seal(encode(msg))):
+    def _send(self, enc: _Encoder, msg: Message) -> bool:
+        """Send ``msg`` to ``enc``; False when it was dropped. Loop thread, or
+        any thread for a lane (``_start_here``)."""
+        ok = enc.send(self._auth.seal(encode(msg)))
+        if not ok:
             self.dropped_messages += 1
             log.info("language: could not send %s to %s", type(msg).__name__, enc.address)
-        if enc.lane is not None:
+        if enc.lane is not None and enc.lane.wants_write:
+            if self._loop.on_loop_thread():
+                self._loop.watch_writable(enc.lane.fileno(), True)
+            else:
+                self._loop.call(self._watch_lane, enc)
+        return ok
+
+    def _watch_lane(self, enc: _Encoder) -> None:
+        if enc.lane is not None and not enc.lane.closed:
             self._loop.watch_writable(enc.lane.fileno(), enc.lane.wants_write)
 
     def _on_lane_ready(self, enc: _Encoder) -> None:
@@ -639,6 +715,8 @@ class LanguageEndpoint:
             self.ignored_inputs += 1
             log.debug("language: message for unknown room %d", msg.room)
             return
+        if self._defer(live, functools.partial(self._on_payload, enc, payload)):
+            return
         if isinstance(msg, StatusUpdate):
             acts = live.room.status_update(msg, now)
         else:
@@ -670,10 +748,10 @@ class LanguageEndpoint:
                 if a.new is Status.Transferring:
                     self.metrics.resumes.labels("language").inc()
                 if a.new.is_terminal:
+                    live.done.set()  # first: the waiting thread takes a while to wake
                     now = time.monotonic()
                     self.metrics.ended(a.new.name, now - live.created)
                     self._ended[id(live)] = (now, live)
-                    live.done.set()
                     self._dequeue(live)
                     if a.new is Status.Failed:
                         log.info("language: room %d failed: %s", live.room.room, a.reason)
@@ -701,21 +779,34 @@ class LanguageEndpoint:
             q.append((live, tokens))
 
     def _try_reserve(self, live: _Live, tokens: int) -> bool:
+        blocks = self._take_blocks(live, tokens)
+        if blocks is None:
+            return False
+        n = min(tokens, len(blocks) * self.block_size)
+        self._run(live, live.room.reserved(blocks, n, time.monotonic()))
+        return True
+
+    def _take_blocks(
+        self, live: _Live, tokens: int, first_in_line: bool = False
+    ) -> list[int] | None:
+        """Blocks for ``tokens`` of ``live`` (fewer when the pool is short), or
+        None. A first reservation leaves ``resume_headroom`` blocks. Under the
+        endpoint lock, so the caller's fast start and the loop cannot both take
+        the headroom; ``first_in_line``: only if no room queues for blocks."""
         bs = self.block_size
         want = -(-tokens // bs)
-        if live.room.sent_tokens == 0:
-            want = min(want, self.allocator.num_free - self.resume_headroom)
-            if want <= 0:
-                return False
+        first = live.room.sent_tokens == 0
         # A zero-copy room's first reservation asks for as many free blocks
         # after it as it takes: should the room resume, the rest can follow it
         # in place instead of the first chunk being moved (_assemble_in_pool).
-        spare = want if self.zero_copy and live.room.sent_tokens == 0 else 0
-        blocks = self.allocator.alloc_up_to(want, spare)
-        if blocks is None:
-            return False
-        self._run(live, live.room.reserved(blocks, min(tokens, len(blocks) * bs), time.monotonic()))
-        return True
+        with self._lock:
+            if first_in_line and (self._firsts or self._resumes):
+                return None
+            if first:
+                want = min(want, self.allocator.num_free - self.resume_headroom)
+                if want <= 0:
+                    return None
+            return self.allocator.alloc_up_to(want, want if self.zero_copy and first else 0)
 
     def _retry_reservations(self) -> None:
         for q in (self._resumes, self._firsts):
@@ -809,7 +900,7 @@ class LanguageEndpoint:
 
     def _tick(self, now: float) -> None:
         for live in list(self._rooms.values()):
-            if not live.room.done:
+            if not live.room.done and not live.starting:  # a starting room waits a tick
                 self._run(live, live.room.tick(now))
         self._check_liveness(now)
         expired = []
@@ -847,7 +938,6 @@ class LanguageEndpoint:
         """Every room that depends on ``enc`` fails, its blocks come back
         (nothing more can land), and the next room for that address connects
         afresh."""
-        now = time.monotonic()
         log.warning("language: %s", reason)
         self.dead_encoders += 1
         self.metrics.dead_peers.labels("language").inc()
@@ -859,7 +949,14 @@ class LanguageEndpoint:
             self._loop.remove_fd(enc.lane.fileno())
         enc.close()
         for live in [*self._rooms.values(), *self._zombies.values()]:
-            if live.encoder is enc:
-                self._dequeue(live)
-                self._run(live, live.room.peer_dead(now, reason))
+            if live.encoder is enc or (live.starting and live.encoder is None):
+                # a room starting on the caller's thread may be about to use enc
+                fail = functools.partial(self._fail_lost, live, enc, reason)
+                if not self._defer(live, fail):
+                    fail()
         self._zombies = {k: v for k, v in self._zombies.items() if v.encoder is not enc}
+
+    def _fail_lost(self, live: _Live, enc: _Encoder, reason: str) -> None:
+        if live.encoder is enc and not live.room.done:
+            self._dequeue(live)
+            self._run(live, live.room.peer_dead(time.monotonic(), reason))

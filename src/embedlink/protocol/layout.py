@@ -14,6 +14,7 @@ advance), ``mrope_position_delta`` and a checksum of the embedding.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -88,11 +89,12 @@ class FieldSpec:
             raise ValueError(f"field {self.name!r}: shape {self.shape} must be positive ints")
         resolve_dtype(self.dtype)
 
-    @property
+    # cached: the planner asks for them on every chunk of every room
+    @functools.cached_property
     def np_dtype(self) -> np.dtype[np.generic]:
         return resolve_dtype(self.dtype)
 
-    @property
+    @functools.cached_property
     def token_bytes(self) -> int:
         """Bytes of one token of this field."""
         return math.prod(self.shape) * self.np_dtype.itemsize
@@ -107,7 +109,7 @@ class BufferSchema:
     ``fields`` replaces the defaults entirely.
     """
 
-    __slots__ = ("_by_name", "fields")
+    __slots__ = ("_by_name", "_token_bytes", "fields")
 
     def __init__(
         self,
@@ -138,6 +140,7 @@ class BufferSchema:
             raise ValueError(f"duplicate field names in {names}")
         self.fields: tuple[FieldSpec, ...] = tuple(specs)
         self._by_name = {f.name: f for f in specs}
+        self._token_bytes = sum(f.token_bytes for f in specs)
 
     def field(self, name: str) -> FieldSpec:
         """The field called ``name``; KeyError naming the known fields otherwise."""
@@ -153,7 +156,7 @@ class BufferSchema:
     @property
     def token_bytes(self) -> int:
         """Bytes of one token across all fields."""
-        return sum(f.token_bytes for f in self.fields)
+        return self._token_bytes
 
     def describe(self) -> list[tuple[str, list[int], str]]:
         """A plain-data fingerprint, carried in ``Register`` and compared exactly."""
