@@ -66,7 +66,7 @@ def test_encoder_killed_fails_rooms_through_the_closed_lane(boot, spawn_encoder)
         waiting = lang.receiver(bootstrap=boot.address, room=2)
         enc.call("open", 2)
         os.kill(enc.proc.pid, signal.SIGKILL)
-        with pytest.raises(TransferError, match="encoder lost.*control connection"):
+        with pytest.raises(TransferError, match=r"encoder lost.*control connection"):
             waiting.wait(timeout=30)
         assert waiting.poll() is Status.Failed
         assert lang.dead_encoders == 1
@@ -92,3 +92,71 @@ def test_language_closing_ends_its_rooms_on_the_encoder_at_once():
         assert enc.stats.dead_sessions == 1
         tx.clear()
         assert enc.allocator.wait_all_free(10)
+
+
+def test_over_a_lane_the_request_leaves_before_receiver_returns():
+    """With the lane up and blocks free, receiver() reserves and sends the
+    request on the caller's thread: the room is WaitingForInput on return."""
+    with (
+        EncoderEndpoint(SCHEMA, num_blocks=32) as enc,
+        LanguageEndpoint(SCHEMA, num_blocks=32) as lang,
+    ):
+        first = lang.receiver(encoder=enc.address, room=1)  # connects, on the loop
+        enc.sender(1).send(make_embedding(SCHEMA, 10, 0, 1))
+        first.wait(timeout=30)
+        for room in range(2, 12):
+            rx = lang.receiver(encoder=enc.address, room=room)
+            assert rx.poll() is Status.WaitingForInput
+            assert rx.history == [(Status.Bootstrapping, 0), (Status.WaitingForInput, 0)]
+            enc.sender(room).send(make_embedding(SCHEMA, 200, 0, room))
+            assert same_embedding(rx.wait(timeout=30), make_embedding(SCHEMA, 200, 0, room))
+            rx.clear()
+
+
+def test_rooms_started_from_many_threads_with_a_short_pool_all_arrive():
+    """Caller threads starting rooms themselves race the loop, which starts
+    the rooms that had to queue for blocks: every room still arrives whole and
+    both pools end empty."""
+    import threading
+
+    per_thread, threads = 40, 4
+    with (
+        EncoderEndpoint(SCHEMA, num_blocks=64, on_request=None) as enc,
+        LanguageEndpoint(SCHEMA, num_blocks=12, default_tokens=256, block_size=128) as lang,
+    ):
+        warm = lang.receiver(encoder=enc.address, room=0)
+        enc.sender(0).send(make_embedding(SCHEMA, 5, 0, 0))
+        warm.wait(timeout=30)
+        warm.clear()
+        failures: list[str] = []
+
+        def encoder_side() -> None:
+            for room in range(1, per_thread * threads + 1):
+                n = 1 + (room * 97) % 700  # some rooms resume
+                try:
+                    enc.sender(room).send(make_embedding(SCHEMA, n, 0, room), timeout=60)
+                except Exception as exc:
+                    failures.append(f"send {room}: {exc}")
+
+        def language_side(k: int) -> None:
+            for room in range(1 + k * per_thread, 1 + (k + 1) * per_thread):
+                n = 1 + (room * 97) % 700
+                try:
+                    rx = lang.receiver(encoder=enc.address, room=room)
+                    if not same_embedding(rx.wait(timeout=60), make_embedding(SCHEMA, n, 0, room)):
+                        failures.append(f"room {room} differs")
+                    rx.clear()
+                except Exception as exc:
+                    failures.append(f"room {room}: {exc}")
+
+        workers = [threading.Thread(target=encoder_side)]
+        workers += [threading.Thread(target=language_side, args=(k,)) for k in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(90)
+        assert not any(w.is_alive() for w in workers), "a thread hung"
+        assert failures == []
+        assert lang.allocator.wait_all_free(10)
+        assert enc.allocator.wait_all_free(10)
+        assert lang._loop.errors == 0 and enc._loop.errors == 0

@@ -12,6 +12,7 @@ ALLOWED = {
     "collections",
     "dataclasses",
     "enum",
+    "functools",
     "math",
     "re",
     "types",
