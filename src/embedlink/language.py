@@ -616,7 +616,9 @@ class LanguageEndpoint:
             # more can come from it, so its rooms fail now rather than after
             # the missed heartbeats.
             if self._encoders.get(enc.address) is enc:
-                self._encoder_dead(enc, f"control connection to encoder {enc.address}: {closed}")
+                self._encoder_dead(
+                    enc, f"control connection to encoder {enc.address}: {closed}", closed=True
+                )
         elif not lane.closed:
             self._loop.watch_writable(lane.fileno(), lane.wants_write)
 
@@ -934,11 +936,16 @@ class LanguageEndpoint:
                 enc.seq += 1
                 self._send(enc, Heartbeat(session=self.session, seq=enc.seq, reply=True))
 
-    def _encoder_dead(self, enc: _Encoder, reason: str) -> None:
+    def _encoder_dead(self, enc: _Encoder, reason: str, *, closed: bool = False) -> None:
         """Every room that depends on ``enc`` fails, its blocks come back
         (nothing more can land), and the next room for that address connects
         afresh."""
-        log.warning("language: %s", reason)
+        # an encoder on this host that closes ends its lane: news only if rooms suffer
+        busy = not closed or any(
+            live.encoder is enc and not live.room.done
+            for live in [*self._rooms.values(), *self._zombies.values()]
+        )
+        log.log(logging.WARNING if busy else logging.INFO, "language: %s", reason)
         self.dead_encoders += 1
         self.metrics.dead_peers.labels("language").inc()
         del self._encoders[enc.address]
