@@ -582,8 +582,11 @@ class LanguageEndpoint:
             enc = _Encoder(address, sock)
             self._by_sock[sock] = enc
             self._loop.add_socket(sock, self._on_readable)
-        self._encoders[address] = enc
+        # Register first, then publish: a caller's thread that finds the
+        # encoder in the table may send a request on the lane at once
+        # (_start_here), and it must arrive after the registration.
         self._send(enc, self._register())
+        self._encoders[address] = enc
         return enc
 
     def _send(self, enc: _Encoder, msg: Message) -> bool:

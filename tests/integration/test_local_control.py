@@ -114,49 +114,94 @@ def test_over_a_lane_the_request_leaves_before_receiver_returns():
 
 
 def test_rooms_started_from_many_threads_with_a_short_pool_all_arrive():
-    """Caller threads starting rooms themselves race the loop, which starts
-    the rooms that had to queue for blocks: every room still arrives whole and
-    both pools end empty."""
+    """Caller threads starting rooms themselves race the loop, which connects
+    to the encoder (the first rooms start while it does) and starts the rooms
+    that had to queue for blocks: every room still arrives whole and both
+    pools end empty. Four fresh language endpoints, so four connections race."""
     import threading
 
-    per_thread, threads = 40, 4
-    with (
-        EncoderEndpoint(SCHEMA, num_blocks=64, on_request=None) as enc,
-        LanguageEndpoint(SCHEMA, num_blocks=12, default_tokens=256, block_size=128) as lang,
-    ):
-        warm = lang.receiver(encoder=enc.address, room=0)
-        enc.sender(0).send(make_embedding(SCHEMA, 5, 0, 0))
-        warm.wait(timeout=30)
-        warm.clear()
-        failures: list[str] = []
+    per_thread, threads = 10, 4
+    failures: list[str] = []
+    with EncoderEndpoint(SCHEMA, num_blocks=64) as enc:
+        for attempt in range(4):
+            base = 1 + attempt * per_thread * threads
+            rooms = range(base, base + per_thread * threads)
 
-        def encoder_side() -> None:
-            for room in range(1, per_thread * threads + 1):
-                n = 1 + (room * 97) % 700  # some rooms resume
-                try:
-                    enc.sender(room).send(make_embedding(SCHEMA, n, 0, room), timeout=60)
-                except Exception as exc:
-                    failures.append(f"send {room}: {exc}")
+            def size(room: int) -> int:
+                return 1 + (room * 97) % 700  # some rooms resume
 
-        def language_side(k: int) -> None:
-            for room in range(1 + k * per_thread, 1 + (k + 1) * per_thread):
-                n = 1 + (room * 97) % 700
-                try:
-                    rx = lang.receiver(encoder=enc.address, room=room)
-                    if not same_embedding(rx.wait(timeout=60), make_embedding(SCHEMA, n, 0, room)):
-                        failures.append(f"room {room} differs")
-                    rx.clear()
-                except Exception as exc:
-                    failures.append(f"room {room}: {exc}")
+            def encoder_side(rooms: range = rooms) -> None:
+                for room in rooms:
+                    try:
+                        enc.sender(room).send(
+                            make_embedding(SCHEMA, size(room), 0, room), timeout=60
+                        )
+                    except Exception as exc:
+                        failures.append(f"send {room}: {exc}")
 
-        workers = [threading.Thread(target=encoder_side)]
-        workers += [threading.Thread(target=language_side, args=(k,)) for k in range(threads)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join(90)
-        assert not any(w.is_alive() for w in workers), "a thread hung"
-        assert failures == []
-        assert lang.allocator.wait_all_free(10)
+            def language_side(mine: range, lang: LanguageEndpoint) -> None:
+                for room in mine:
+                    try:
+                        rx = lang.receiver(encoder=enc.address, room=room)
+                        got = rx.wait(timeout=60)
+                        if not same_embedding(got, make_embedding(SCHEMA, size(room), 0, room)):
+                            failures.append(f"room {room} differs")
+                        rx.clear()
+                    except Exception as exc:
+                        failures.append(f"room {room}: {exc}")
+
+            with LanguageEndpoint(SCHEMA, num_blocks=12, default_tokens=256) as lang:
+                workers = [
+                    threading.Thread(target=language_side, args=(rooms[k::threads], lang))
+                    for k in range(threads)
+                ]
+                workers.append(threading.Thread(target=encoder_side))
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join(60)
+                assert not any(w.is_alive() for w in workers), "a thread hung"
+                assert failures == []
+                assert lang.allocator.wait_all_free(10)
+                assert lang._loop.errors == 0
         assert enc.allocator.wait_all_free(10)
-        assert lang._loop.errors == 0 and enc._loop.errors == 0
+        assert enc._loop.errors == 0
+
+
+def test_a_request_from_a_callers_thread_never_overtakes_the_registration(monkeypatch):
+    """While the loop connects to an encoder, other threads start rooms; the
+    registration is slow to build here (as it is when a pool has many
+    regions). No request may reach the encoder before the registration."""
+    import threading
+    import time
+
+    slow = LanguageEndpoint._register
+
+    def register(self):
+        time.sleep(0.05)  # lets the callers' threads run, holding no lock
+        return slow(self)
+
+    monkeypatch.setattr(LanguageEndpoint, "_register", register)
+    with (
+        EncoderEndpoint(SCHEMA, num_blocks=64) as enc,
+        LanguageEndpoint(SCHEMA, num_blocks=32) as lang,
+    ):
+        started: list = []
+
+        def start(room: int) -> None:
+            deadline = time.monotonic() + 0.3
+            while time.monotonic() < deadline:  # keep starting rooms meanwhile
+                started.append(lang.receiver(encoder=enc.address, room=room))
+                room += 1000
+                time.sleep(0.01)
+
+        threads = [threading.Thread(target=start, args=(k,)) for k in range(1, 4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for rx in started:
+            enc.sender(rx.room).send(make_embedding(SCHEMA, 3, 0, rx.room))
+        for rx in started:
+            assert same_embedding(rx.wait(timeout=30), make_embedding(SCHEMA, 3, 0, rx.room))
+        assert enc.stats.dropped_messages == 0
