@@ -199,27 +199,19 @@ class Receiver:
 
     def clear(self) -> None:
         """Forget the room; an unfinished room is aborted first. Blocks the encoder
-        may still write into stay reserved until it acknowledges. The blocks of
-        a zero-copy result come back within one tick of the loop (0.1 s), at
-        once when other rooms wait for blocks."""
+        may still write into stay reserved until it acknowledges."""
         live, ep = self._live, self._ep
         live.cleared = True
-        if live.room.done and not live.room.holds_blocks:
-            # Nothing to tell the encoder: forget the id now (so it can be
-            # reused at once), let go of the result (the loop writes it no
-            # more: the room is done) and leave the rest, freeing a zero-copy
-            # result's blocks included, to the loop's next wake-up. Waking
-            # the loop for it costs a wake-up per room, and the loop would
-            # then compete with this thread starting the next one.
+        if live.room.done and live.pinned is None and not live.room.holds_blocks:
+            # Nothing to free or tell the encoder: forget the id now (so it can
+            # be reused at once), let go of the result (the loop writes it no
+            # more: the room is done) and leave the rest to the loop's next
+            # wake-up.
             live.result = {}
             with ep._lock:
                 if ep._rooms.get(self.room) is live:
                     del ep._rooms[self.room]
-                wanted = live.pinned is not None and bool(ep._firsts or ep._resumes)
-            if wanted:
-                ep._loop.call(ep._clear_room, live)
-            else:
-                ep._loop.call_lazy(ep._clear_room, live)
+            ep._loop.call_lazy(ep._clear_room, live)
         else:
             ep._loop.call(ep._clear_room, live)
 
