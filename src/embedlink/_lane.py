@@ -24,7 +24,10 @@ sockets) the connect fails and the endpoint uses ZeroMQ as before.
 Contract of :class:`Lane`: never blocks; one owner thread (the endpoint's
 loop) receives, flushes and closes, and :meth:`Lane.send` may be called from
 any thread (a language endpoint sends a room's request from the caller's
-thread, see ``LanguageEndpoint.receiver``). :meth:`Lane.send` queues what the kernel does not take at once and
+thread, see ``LanguageEndpoint.receiver``). A lane that fails stops carrying
+messages (``closed``) but keeps its socket until its owner, having stopped
+polling it, calls :meth:`Lane.close`: a descriptor closed under a poller could
+be reused by the next socket opened. :meth:`Lane.send` queues what the kernel does not take at once and
 drops a message, reporting it, only once ``MAX_BACKLOG`` bytes wait for a
 peer that does not read (ZeroMQ drops at its high-water mark the same way).
 A frame longer than ``MAX_FRAME`` ends the connection, as ZeroMQ's
@@ -91,13 +94,15 @@ def accept(listener: socket.socket) -> list[Lane]:
         out.append(Lane(conn))
 
 
-def connect(address: str, timeout: float = 1.0) -> Lane | None:
+def connect(address: str) -> Lane | None:
     """A lane to the encoder advertising ``address`` when one listens in this
-    network namespace, else None (the caller uses ZeroMQ)."""
+    network namespace, else None (the caller uses ZeroMQ). Never blocks: a
+    Unix connect completes at once, or fails (EAGAIN when the encoder's
+    accept queue is full: ZeroMQ then)."""
     if not SUPPORTED:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)  # a full accept queue makes connect wait
+    sock.setblocking(False)
     try:
         sock.connect(lane_name(address))
     except OSError:
@@ -117,7 +122,9 @@ class Lane:
         self._outbox = bytearray()  # frames, or their tails, the kernel has not taken
         # senders on two threads must not interleave frames or the outbox
         self._send_lock = threading.Lock()
+        #: no more messages either way (failed, or closed by the owner)
         self.closed = False
+        self._released = False  # the socket itself is closed
         #: messages given to :meth:`send` that will never be sent
         self.dropped = 0
 
@@ -152,8 +159,8 @@ class Lane:
             n = self._sock.sendmsg((header, payload))
         except (BlockingIOError, InterruptedError):
             n = 0
-        except OSError:
-            self._close_locked()
+        except OSError:  # the peer is gone: its end of stream tells the owner
+            self._fail_locked()
             self.dropped += 1
             return False
         if n < len(payload) + 4:
@@ -169,14 +176,15 @@ class Lane:
                 except (BlockingIOError, InterruptedError):
                     return
                 except OSError:
-                    self._close_locked()
+                    self._fail_locked()
                     return
                 del self._outbox[:n]
 
     def receive(self) -> tuple[list[bytes], str | None]:
         """The whole messages that arrived, and why the lane closed (None while
-        it is open). Messages that arrived before the end are returned too."""
-        if self.closed:
+        it is open). Messages that arrived before the end are returned too.
+        Owner thread; the owner then stops polling the lane and closes it."""
+        if self._released:
             return [], "closed"
         why = None
         for _ in range(_READS):
@@ -206,16 +214,21 @@ class Lane:
             pos += 4 + n
         del buf[:pos]
         if why is not None:
-            self.close()
+            with self._send_lock:
+                self._fail_locked()
+        elif self.closed:
+            why = "closed after a failed send"
         return frames, why
 
     def close(self) -> None:
-        """Close the socket; queued bytes are lost. Idempotent."""
+        """Close the socket; queued bytes are lost. Owner thread, after it
+        stopped polling the lane. Idempotent."""
         with self._send_lock:
-            self._close_locked()
+            self._fail_locked()
+            if not self._released:
+                self._released = True
+                self._sock.close()
 
-    def _close_locked(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._outbox.clear()
-            self._sock.close()
+    def _fail_locked(self) -> None:
+        self.closed = True
+        self._outbox.clear()

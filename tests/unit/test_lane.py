@@ -130,3 +130,18 @@ def test_listen_connect_accept_by_address():
     finally:
         listener.close()
     assert _lane.connect(address) is None  # gone with the listener
+
+
+def test_a_failed_send_stops_the_lane_but_leaves_closing_to_its_owner():
+    import os
+
+    a, b = pair()
+    b.close()
+    assert not a.send(b"to nobody")  # EPIPE: the peer is gone
+    assert a.closed and a.dropped == 1
+    os.fstat(a.fileno())  # still open: a poller may still be watching it
+    frames, why = a.receive()
+    assert frames == [] and why is not None
+    a.close()
+    with pytest.raises(OSError):
+        os.fstat(a.fileno())
