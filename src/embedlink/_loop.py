@@ -23,6 +23,8 @@ from typing import Any
 
 import zmq
 
+from ._lane import Lane
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Loop", "check_endpoint_knobs"]
@@ -152,6 +154,25 @@ class Loop:
         else:
             self._fd_writable.discard(fd)
             self._poller.modify(fd, zmq.POLLIN)
+
+    def add_lane(
+        self, lane: Lane, on_payload: Callable[[bytes], None], on_closed: Callable[[str], None]
+    ) -> None:
+        """Serve a same-host control lane: flush what waits to go out, hand
+        each message that arrived to ``on_payload``, and ``on_closed(why)``
+        once it ends (which must :meth:`remove_fd` it and close it)."""
+
+        def ready() -> None:
+            lane.flush()
+            payloads, closed = lane.receive()
+            for payload in payloads:
+                on_payload(payload)
+            if closed is not None:
+                on_closed(closed)
+            elif not lane.closed:
+                self.watch_writable(lane.fileno(), lane.wants_write)
+
+        self.add_fd(lane.fileno(), ready)
 
     def remove_fd(self, fd: int) -> None:
         """Stop watching ``fd``; call it before closing the descriptor."""

@@ -588,18 +588,11 @@ class EncoderEndpoint:
         for lane in _lane.accept(self._listener):
             identity = b"lane/%d" % next(self._lane_ids)
             self._lanes[identity] = lane
-            self._loop.add_fd(lane.fileno(), functools.partial(self._on_lane_ready, identity))
-
-    def _on_lane_ready(self, identity: bytes) -> None:
-        lane = self._lanes[identity]
-        lane.flush()
-        payloads, closed = lane.receive()
-        for payload in payloads:
-            self._on_payload(identity, payload)
-        if closed is not None:
-            self._lane_closed(identity, closed)
-        elif not lane.closed:
-            self._loop.watch_writable(lane.fileno(), lane.wants_write)
+            self._loop.add_lane(
+                lane,
+                functools.partial(self._on_payload, identity),
+                functools.partial(self._lane_closed, identity),
+            )
 
     def _lane_closed(self, identity: bytes, why: str) -> None:
         """A language endpoint on this host closed its lane (it closed, died or

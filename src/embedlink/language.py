@@ -450,11 +450,7 @@ class LanguageEndpoint:
         assert isinstance(reserve, Reserve)
         blocks = self._take_blocks(live, reserve.tokens, first_in_line=True)
         if blocks is None:
-            with self._lock:
-                live.starting = False
-                deferred, live.deferred = live.deferred, []
-            for fn in deferred:
-                self._loop.call(fn)
+            self._end_start(live)
             return False
         live.encoder = enc
         tokens = min(reserve.tokens, len(blocks) * self.block_size)
@@ -465,17 +461,22 @@ class LanguageEndpoint:
                 sent = self._send(enc, a.msg) and sent
             elif not (isinstance(a, StatusChanged) and not a.new.is_terminal):
                 later.append(a)  # nothing else is expected; the loop handles it
-        with self._lock:
-            live.starting = False
-            deferred, live.deferred = live.deferred, []
         if later:
             self._loop.call(self._run, live, later)
-        for fn in deferred:
-            self._loop.call(fn)
+        self._end_start(live)
         if not sent:
             # the lane closed under us: its encoder is being declared dead
             self._loop.call(self._lost_before_start, live, enc)
         return True
+
+    def _end_start(self, live: _Live) -> None:
+        """The caller's thread is done with ``live``: hand the loop what it
+        deferred meanwhile, in order."""
+        with self._lock:
+            live.starting = False
+            deferred, live.deferred = live.deferred, []
+        for fn in deferred:
+            self._loop.call(fn)
 
     def _lost_before_start(self, live: _Live, enc: _Encoder) -> None:
         if not live.room.done:
@@ -573,7 +574,11 @@ class LanguageEndpoint:
         lane = _lane.connect(address) if self.local_control else None
         if lane is not None:
             enc = _Encoder(address, None, lane)
-            self._loop.add_fd(lane.fileno(), functools.partial(self._on_lane_ready, enc))
+            self._loop.add_lane(
+                lane,
+                functools.partial(self._on_payload, enc),
+                functools.partial(self._lane_closed, enc),
+            )
         else:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
@@ -607,23 +612,14 @@ class LanguageEndpoint:
         if enc.lane is not None and not enc.lane.closed:
             self._loop.watch_writable(enc.lane.fileno(), enc.lane.wants_write)
 
-    def _on_lane_ready(self, enc: _Encoder) -> None:
-        lane = enc.lane
-        assert lane is not None
-        lane.flush()
-        payloads, closed = lane.receive()
-        for payload in payloads:
-            self._on_payload(enc, payload)
-        if closed is not None:
-            # The encoder's endpoint closed or its process died: nothing
-            # more can come from it, so its rooms fail now rather than after
-            # the missed heartbeats.
-            if self._encoders.get(enc.address) is enc:
-                self._encoder_dead(
-                    enc, f"control connection to encoder {enc.address}: {closed}", closed=True
-                )
-        elif not lane.closed:
-            self._loop.watch_writable(lane.fileno(), lane.wants_write)
+    def _lane_closed(self, enc: _Encoder, why: str) -> None:
+        # The encoder's endpoint closed or its process died: nothing more can
+        # come from it, so its rooms fail now rather than after the missed
+        # heartbeats.
+        if self._encoders.get(enc.address) is enc:
+            self._encoder_dead(
+                enc, f"control connection to encoder {enc.address}: {why}", closed=True
+            )
 
     def _register(self) -> Register:
         names = [*self.schema.names, AUX_FIELD]
