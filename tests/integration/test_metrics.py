@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from embedlink import BufferSchema, EncoderEndpoint, LanguageEndpoint
+from embedlink import BufferSchema, EncoderEndpoint, LanguageEndpoint, Status
 from embedlink.workers import make_embedding, same_embedding
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -18,6 +18,22 @@ SCHEMA = BufferSchema(hidden_size=32)
 def scrape(url):
     with urllib.request.urlopen(url, timeout=5) as r:
         return r.read().decode()
+
+
+def scrape_until(url, ready, timeout=10.0):
+    """Scrape until ``ready(text)`` holds (counters updated off the reply
+    path land a moment later); the last scrape if it never does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = scrape(url)
+        try:
+            if ready(text):
+                return text
+        except AssertionError:  # the series is not there yet
+            pass
+        if time.monotonic() > deadline:
+            return text
+        time.sleep(0.02)
 
 
 def value(text, name, **labels):
@@ -43,11 +59,30 @@ def test_metrics_move_on_endpoints_and_bootstrap(boot, transport):
         before = scrape(e_url)
         assert value(before, "embedlink_pool_blocks", side="encoder", state="free") == 64
         rx = lang.receiver(bootstrap=boot.address, room=1)
-        enc.sender(1).send(make_embedding(SCHEMA, 2000, 0, 1))
+        tx = enc.sender(1)
+        tx.send(make_embedding(SCHEMA, 2000, 0, 1))
         assert same_embedding(rx.wait(timeout=30), make_embedding(SCHEMA, 2000, 0, 1))
         rx2 = lang.receiver(bootstrap=boot.address, room=2)
         rx2.abort()
-        enc_text, lang_text = scrape(e_url), scrape(l_url)
+        # The encoder replies before it counts (the reply is on the latency
+        # path), so its counters trail the language side's success by a
+        # moment: wait for the sender, then for the copy threads' counts.
+        assert tx.wait(timeout=30) is Status.Success
+        enc_text = scrape_until(
+            e_url,
+            lambda t: (
+                value(t, "embedlink_chunk_seconds_count", side="encoder", transport=transport) >= 2
+            ),
+        )
+        # the language side, too, wakes the waiting thread before it counts
+        lang_text = scrape_until(
+            l_url,
+            lambda t: (
+                value(t, "embedlink_room_seconds_count", side="language", status="Success")
+                + value(t, "embedlink_rooms_total", side="language", status="Failed")
+                >= 2
+            ),
+        )
         nbytes = 2000 * SCHEMA.token_bytes
         assert value(enc_text, "embedlink_rooms_total", side="encoder", status="Success") == 1
         assert (
