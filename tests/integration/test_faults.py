@@ -18,11 +18,16 @@ HB = dict(heartbeat_interval=0.2, heartbeat_misses=3)  # dead after 0.6 s of sil
 TRANSPORTS = ["tcp", "shm", "mooncake"]
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_language_killed_mid_transfer(boot, spawn_encoder, spawn_language, transport):
+# "zmq": no same-host lane, so the encoder learns of the death from heartbeats
+# (or the data plane), as it would across hosts
+@pytest.mark.parametrize(
+    ("transport", "control"), [*((t, "unix") for t in TRANSPORTS), ("shm", "zmq")]
+)
+def test_language_killed_mid_transfer(boot, spawn_encoder, spawn_language, transport, control):
     jobs = [(i, 2000 + 50 * i) for i in range(60)]
     # rooms the dead language never asked for can only end by their deadline (5 s)
     enc = spawn_encoder(
+        local_control=control == "unix",
         bootstrap=boot.address,
         hidden_size=HIDDEN,
         num_blocks=512,
@@ -38,6 +43,7 @@ def test_language_killed_mid_transfer(boot, spawn_encoder, spawn_language, trans
             default_tokens=1024,
             transports=(transport,),
             window=60,
+            local_control=control == "unix",
             **HB,
         ),
         jobs,
@@ -64,10 +70,17 @@ def test_language_killed_mid_transfer(boot, spawn_encoder, spawn_language, trans
     assert stats[4]["dead_sessions"] >= 1 or any("write" in w for w in failed.values())
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
-def test_encoder_killed_or_hung_fails_its_rooms(boot, spawn_encoder, transport, how):
+@pytest.mark.parametrize(
+    ("transport", "how", "control"),
+    [
+        *((t, h, "unix") for t in TRANSPORTS for h in (signal.SIGKILL, signal.SIGSTOP)),
+        ("shm", signal.SIGKILL, "zmq"),
+    ],
+)
+def test_encoder_killed_or_hung_fails_its_rooms(boot, spawn_encoder, transport, how, control):
+    lane = control == "unix"
     enc = spawn_encoder(
+        local_control=lane,
         bootstrap=boot.address,
         hidden_size=HIDDEN,
         num_blocks=64,
@@ -76,7 +89,12 @@ def test_encoder_killed_or_hung_fails_its_rooms(boot, spawn_encoder, transport, 
         **HB,
     )
     with LanguageEndpoint(
-        SCHEMA, num_blocks=16, transports=(transport,), room_timeout=60.0, **HB
+        SCHEMA,
+        num_blocks=16,
+        transports=(transport,),
+        room_timeout=60.0,
+        local_control=lane,
+        **HB,
     ) as lang:
         done = lang.receiver(bootstrap=boot.address, room=1)
         enc.call("send", 1, 700)
@@ -90,8 +108,10 @@ def test_encoder_killed_or_hung_fails_its_rooms(boot, spawn_encoder, transport, 
             t0 = time.monotonic()
             # a killed process's control socket closes with it (the same-host
             # lane): that is noticed at once, before any heartbeat is missed;
-            # a stopped one keeps it open and is caught by heartbeats
-            why = "control connection" if how == signal.SIGKILL else "no answer from encoder"
+            # a stopped one keeps it open, and over ZeroMQ (as across hosts)
+            # nothing closes: heartbeats catch both
+            lane_closes = how == signal.SIGKILL and lane
+            why = "control connection" if lane_closes else "no answer from encoder"
             for rx in (waiting, half):
                 with pytest.raises(TransferError, match=f"encoder lost: .*{why}"):
                     rx.wait(timeout=30)

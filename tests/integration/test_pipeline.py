@@ -26,10 +26,14 @@ S = Status
 HIDDEN = 256
 SCHEMA = BufferSchema(hidden_size=HIDDEN)
 TRANSPORTS = ["tcp", "shm", "mooncake"]
+# Control messages go over a same-host lane by default ("unix"); peers on
+# other hosts use ZeroMQ ("zmq"). The seed's rules must hold on both.
+CONTROLS = ["unix", "zmq"]
 
 
-def enc_cfg(boot, transport, **kw):
+def enc_cfg(boot, transport, control="unix", **kw):
     cfg = dict(
+        local_control=control == "unix",
         bootstrap=boot.address,
         hidden_size=HIDDEN,
         num_blocks=128,
@@ -41,8 +45,9 @@ def enc_cfg(boot, transport, **kw):
     return cfg
 
 
-def language(transport, **kw):
+def language(transport, control="unix", **kw):
     args = dict(
+        local_control=control == "unix",
         num_blocks=64,
         block_size=128,
         default_tokens=1024,
@@ -53,15 +58,17 @@ def language(transport, **kw):
     return LanguageEndpoint(SCHEMA, **args).start()
 
 
+@pytest.mark.parametrize("control", CONTROLS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_seed_500_tokens_waiting_for_input_then_success(boot, spawn_encoder, transport):
-    enc = spawn_encoder(**enc_cfg(boot, transport))
-    with language(transport) as lang:
+def test_seed_500_tokens_waiting_for_input_then_success(boot, spawn_encoder, transport, control):
+    enc = spawn_encoder(**enc_cfg(boot, transport, control))
+    with language(transport, control) as lang:
         rx = lang.receiver(bootstrap=boot.address, room=500)
         enc.call("send", 500, 500)
         emb = rx.wait(timeout=30)
         assert same_embedding(emb, make_embedding(SCHEMA, 500, 0, 500))
         assert rx.history == [(S.Bootstrapping, 0), (S.WaitingForInput, 0), (S.Success, 500)]
+        assert [p["control"] for p in lang.status()["peers"]] == [control]
         _, statuses, usage = enc.call("wait_idle", 10)
         assert statuses == {500: (int(S.Success), None)}
         assert usage[0] == 0
@@ -69,10 +76,11 @@ def test_seed_500_tokens_waiting_for_input_then_success(boot, spawn_encoder, tra
         assert list(sessions.values()) == [transport]
 
 
+@pytest.mark.parametrize("control", CONTROLS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_seed_2000_tokens_one_resume_at_1024(boot, spawn_encoder, transport):
-    enc = spawn_encoder(**enc_cfg(boot, transport))
-    with language(transport) as lang:
+def test_seed_2000_tokens_one_resume_at_1024(boot, spawn_encoder, transport, control):
+    enc = spawn_encoder(**enc_cfg(boot, transport, control))
+    with language(transport, control) as lang:
         rx = lang.receiver(bootstrap=boot.address, room=2000)
         enc.call("send", 2000, 2000)
         emb = rx.wait(timeout=30)
@@ -84,14 +92,16 @@ def test_seed_2000_tokens_one_resume_at_1024(boot, spawn_encoder, transport):
             (S.Success, 2000),
         ]
         assert int(rx.aux["total_tokens"]) == 2000
+        assert [p["control"] for p in lang.status()["peers"]] == [control]
         assert enc.call("wait_idle", 10)[1] == {2000: (int(S.Success), None)}
         assert lang.allocator.wait_all_free(5)
 
 
+@pytest.mark.parametrize("control", CONTROLS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_seed_failure_ends_failed_with_reason(boot, spawn_encoder, transport):
-    enc = spawn_encoder(**enc_cfg(boot, transport))
-    with language(transport) as lang:
+def test_seed_failure_ends_failed_with_reason(boot, spawn_encoder, transport, control):
+    enc = spawn_encoder(**enc_cfg(boot, transport, control))
+    with language(transport, control) as lang:
         # the encoder gives up on a room
         rx = lang.receiver(bootstrap=boot.address, room=1)
         enc.call("open", 1)
@@ -102,17 +112,20 @@ def test_seed_failure_ends_failed_with_reason(boot, spawn_encoder, transport):
         assert rx.poll() is S.Failed
         assert rx.history[-1][0] is S.Failed
         # nobody ever sends a room: the deadline fails it
-    with language(transport, room_timeout=1.0) as lang:
+    with language(transport, control, room_timeout=1.0) as lang:
         rx = lang.receiver(bootstrap=boot.address, room=2)
         with pytest.raises(TransferError, match="timed out"):
             rx.wait(timeout=30)
         assert lang.allocator.wait_all_free(10)
 
 
+@pytest.mark.parametrize("control", CONTROLS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_5000_tokens_small_pool_resumes_at_least_three_times(boot, spawn_encoder, transport):
-    enc = spawn_encoder(**enc_cfg(boot, transport))
-    with language(transport, num_blocks=6, default_tokens=768) as lang:
+def test_5000_tokens_small_pool_resumes_at_least_three_times(
+    boot, spawn_encoder, transport, control
+):
+    enc = spawn_encoder(**enc_cfg(boot, transport, control))
+    with language(transport, control, num_blocks=6, default_tokens=768) as lang:
         rx = lang.receiver(bootstrap=boot.address, room=5000)
         enc.call("send", 5000, 5000)
         emb = rx.wait(timeout=60)
@@ -151,15 +164,18 @@ def test_language_tp2_encoder_tp1_both_ranks_receive(boot, spawn_encoder, transp
         assert len(enc.call("stats")[3]) == 2
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(
+    ("transport", "control"), [*((t, "unix") for t in TRANSPORTS), ("shm", "zmq")]
+)
 def test_500_concurrent_rooms_byte_exact_and_pools_free(
-    boot, spawn_encoder, spawn_language, transport
+    boot, spawn_encoder, spawn_language, transport, control
 ):
     rng = random.Random(5)
     jobs = [(1000 + i, rng.randint(1, 4096)) for i in range(500)]
-    enc = spawn_encoder(**enc_cfg(boot, transport, num_blocks=256))
+    enc = spawn_encoder(**enc_cfg(boot, transport, control, num_blocks=256))
     lang = spawn_language(
         dict(
+            local_control=control == "unix",
             bootstrap=boot.address,
             hidden_size=HIDDEN,
             num_blocks=64,
