@@ -9,6 +9,14 @@ at the next poll timeout; while a wake-up is already pending no further byte is
 written (one syscall and one poller wake-up per burst of calls, not per call).
 Calls that need not run promptly (:meth:`Loop.call_lazy`) wake nothing: they
 run with the next wake-up or tick.
+
+The loop runs its handlers holding :attr:`Loop.state`, a lock it lets go of
+only while it sleeps. Another thread may take it to run loop work itself
+(:meth:`Loop.try_run_here`, :meth:`Loop.serve_here`) when that saves waking
+the loop, provided the work touches no ZeroMQ socket: ``zmq_poll`` inspects
+those sockets while the loop sleeps. Plain descriptors (same-host lanes)
+are watched through an epoll set, which another thread may change while the
+loop sleeps, so a thread can take one over for a while (:meth:`serve_here`).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +37,9 @@ from ._lane import Lane
 log = logging.getLogger(__name__)
 
 __all__ = ["Loop", "check_endpoint_knobs"]
+
+#: how long serve_here() sleeps at most before it looks whether the loop is stopping
+SERVE_SLICE_S = 1.0
 
 SocketHandler = Callable[[zmq.Socket[bytes]], None]
 FdHandler = Callable[[], None]
@@ -50,9 +62,20 @@ class Loop:
         os.set_blocking(self._wfd, False)
         self._poller = zmq.Poller()
         self._poller.register(self._rfd, zmq.POLLIN)
+        # Plain descriptors wait in an epoll set (itself polled as one fd):
+        # unlike the zmq poller, it may be changed from another thread while
+        # the loop sleeps (serve_here). Without epoll, in the zmq poller.
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        if self._epoll is not None:
+            self._poller.register(self._epoll.fileno(), zmq.POLLIN)
         self._handlers: dict[zmq.Socket[bytes], SocketHandler] = {}
         self._fd_handlers: dict[int, FdHandler] = {}
         self._fd_writable: set[int] = set()
+        self._lent: dict[int, FdHandler] = {}  # fds a serve_here() thread watches
+        #: held by whoever runs loop work: the loop thread, except while it
+        #: sleeps, or a thread in try_run_here()/serve_here()
+        self.state = threading.Lock()
+        self._holder: int | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._stopped = threading.Event()
@@ -115,6 +138,83 @@ class Loop:
     def on_loop_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
+    def holds_state(self) -> bool:
+        """This thread runs loop work now (the loop thread in a handler, or a
+        thread in :meth:`try_run_here`/:meth:`serve_here`)."""
+        return self._holder == threading.get_ident()
+
+    def try_run_here(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """Run ``fn(*args)`` on this thread, as the loop would, if the loop is
+        asleep with no calls queued (they must run first); True if it ran.
+        Saves waking the loop for work nobody else is doing. ``fn`` must not
+        touch a ZeroMQ socket (the loop's poller may be inspecting it)."""
+        if self._thread is None or self._stopping or not self.state.acquire(blocking=False):
+            return False
+        try:
+            if not self._calls.empty() or self._stopping:
+                return False
+            self._holder = threading.get_ident()
+            self._guard(fn, *args)
+            return True
+        finally:
+            self._holder = None
+            self.state.release()
+
+    def serve_here(
+        self, fd: int, until: Callable[[], bool], deadline: float | None, waker: int
+    ) -> bool | None:
+        """Wait on this thread until ``until()`` holds or ``deadline`` (a
+        ``time.monotonic()`` value) passes, and meanwhile be the one that
+        serves ``fd``: the loop stops watching it, this thread polls it (and
+        ``waker``, a descriptor others write to when ``until()`` may have
+        changed) and runs its handler when it is readable, as the loop would.
+
+        Why: a thread waiting for an answer on a same-host lane then wakes
+        for it itself, instead of the loop waking first and then waking it
+        (one cross-CPU wake-up less, docs/performance.md). The handler must
+        not touch a ZeroMQ socket. Returns ``until()`` at the end, or None
+        when ``fd`` cannot be lent now (not watched, waiting to be writable,
+        already lent, or the loop stopping): wait some other way."""
+        if self._epoll is None or self.on_loop_thread() or self.holds_state():
+            return None
+        with self.state:
+            handler = self._fd_handlers.get(fd)
+            if handler is None or fd in self._fd_writable or fd in self._lent or self._stopping:
+                return None
+            self._epoll.unregister(fd)
+            self._lent[fd] = handler
+        try:
+            p = select.poll()
+            p.register(fd, select.POLLIN)
+            p.register(waker, select.POLLIN)
+            while not until():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                # slices, so a stopping loop is noticed even if nobody wakes us
+                most = int(SERVE_SLICE_S * 1000)
+                slice_ms = most if left is None else min(most, int(left * 1000) + 1)
+                if not p.poll(slice_ms):
+                    if self._stopping:
+                        break
+                    continue
+                with self.state:
+                    if self._stopping or self._fd_handlers.get(fd) is not handler:
+                        break  # the fd was closed (and maybe reused) meanwhile
+                    self._holder = threading.get_ident()
+                    try:
+                        self._guard(handler)
+                    finally:
+                        self._holder = None
+                    if fd in self._fd_writable or self._fd_handlers.get(fd) is not handler:
+                        break  # it now waits for output (the loop watches that), or closed
+        finally:
+            with self.state:
+                if self._lent.pop(fd, None) is handler and self._fd_handlers.get(fd) is handler:
+                    mask = select.EPOLLIN | (select.EPOLLOUT if fd in self._fd_writable else 0)
+                    self._epoll.register(fd, mask)  # level-triggered: bytes that wait wake it
+        return until()
+
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is None:
             return
@@ -139,21 +239,29 @@ class Loop:
 
     def add_fd(self, fd: int, handler: FdHandler) -> None:
         """Call ``handler()`` whenever ``fd`` is readable (or writable, while
-        :meth:`watch_writable` says so). Loop thread, or before :meth:`start`."""
+        :meth:`watch_writable` says so). Holding the state, or before :meth:`start`."""
         self._fd_handlers[fd] = handler
-        self._poller.register(fd, zmq.POLLIN)
+        self._lent.pop(fd, None)  # a number reused after a lent fd was closed
+        if self._epoll is not None:
+            self._epoll.register(fd, select.EPOLLIN)
+        else:
+            self._poller.register(fd, zmq.POLLIN)
 
     def watch_writable(self, fd: int, on: bool) -> None:
         """Also wake for ``fd`` becoming writable (``on``), or stop. Cheap when
-        nothing changes, so callers may say it after every send."""
+        nothing changes, so callers may say it after every send. Holding the state."""
         if on == (fd in self._fd_writable) or fd not in self._fd_handlers:
             return
         if on:
             self._fd_writable.add(fd)
-            self._poller.modify(fd, zmq.POLLIN | zmq.POLLOUT)
         else:
             self._fd_writable.discard(fd)
-            self._poller.modify(fd, zmq.POLLIN)
+        if fd in self._lent:
+            return  # serve_here() hands it back with the right mask
+        if self._epoll is not None:
+            self._epoll.modify(fd, select.EPOLLIN | (select.EPOLLOUT if on else 0))
+        else:
+            self._poller.modify(fd, zmq.POLLIN | (zmq.POLLOUT if on else 0))
 
     def add_lane(
         self, lane: Lane, on_payload: Callable[[bytes], None], on_closed: Callable[[str], None]
@@ -175,10 +283,15 @@ class Loop:
         self.add_fd(lane.fileno(), ready)
 
     def remove_fd(self, fd: int) -> None:
-        """Stop watching ``fd``; call it before closing the descriptor."""
+        """Stop watching ``fd``; call it before closing the descriptor. Holding the state."""
         if self._fd_handlers.pop(fd, None) is not None:
             self._fd_writable.discard(fd)
-            self._poller.unregister(fd)
+            if self._lent.pop(fd, None) is not None:
+                return  # not in the set while lent
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+            else:
+                self._poller.unregister(fd)
 
     def _set_stopping(self) -> None:
         self._stopping = True
@@ -190,16 +303,26 @@ class Loop:
             except OSError:
                 pass
         self._rfd = self._wfd = -1
+        if self._epoll is not None and (self._thread is None or not self._thread.is_alive()):
+            self._epoll.close()
 
     def _run(self) -> None:
         next_tick = time.monotonic() + self._tick_interval
+        me = threading.get_ident()
+        self.state.acquire()
+        self._holder = me
         while not self._stopping:
             timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000) + 1)
+            self._holder = None
+            self.state.release()  # asleep: others may run loop work meanwhile
             try:
                 ready = dict(self._poller.poll(timeout_ms))
             except zmq.ZMQError as exc:
                 log.error("%s: poll failed: %s", self.name, exc)
+                self.state.acquire()
                 break
+            self.state.acquire()
+            self._holder = me
             if self._rfd in ready:
                 try:
                     while os.read(self._rfd, 4096):
@@ -214,15 +337,27 @@ class Loop:
                 if sock in ready:
                     self._guard(handler, sock)
             if self._fd_handlers:
-                for fd, fd_handler in list(self._fd_handlers.items()):
+                if self._epoll is not None:
+                    # level-triggered: whatever is not read now is reported again
+                    fds = (
+                        [fd for fd, _ in self._epoll.poll(0)]
+                        if self._epoll.fileno() in ready
+                        else []
+                    )
+                else:
+                    fds = [fd for fd in self._fd_handlers if fd in ready]
+                for fd in fds:
                     # a handler may have removed a later fd (a lane it closed)
-                    if fd in ready and fd in self._fd_handlers:
+                    fd_handler = self._fd_handlers.get(fd)
+                    if fd_handler is not None and fd not in self._lent:
                         self._guard(fd_handler)
             now = time.monotonic()
             if now >= next_tick:
                 self._guard(self._tick, now)
                 next_tick = now + self._tick_interval
         self._run_calls()
+        self._holder = None
+        self.state.release()
         self._stopped.set()
 
     def _run_calls(self) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import os
 import random
 import threading
 import time
@@ -143,6 +144,10 @@ class _Live:
     #: path): the loop queues what it would do to it in ``deferred`` instead
     starting: bool = False
     deferred: list[Callable[[], None]] = field(default_factory=list)
+    #: an eventfd the thread in wait() polls while it serves the room's lane
+    #: itself (``Loop.serve_here``): written when the room ends some other
+    #: way. Set and cleared holding the loop's state.
+    waker: int | None = None
 
 
 class Receiver:
@@ -180,6 +185,11 @@ class Receiver:
         """
         if self._live.cleared:
             raise RuntimeError(f"room {self.room} was cleared: its result is gone")
+        if not self._live.done.is_set():
+            t0 = time.monotonic()
+            self._ep._serve_until_done(self._live, timeout)
+            if timeout is not None:
+                timeout = max(0.0, timeout - (time.monotonic() - t0))
         if not self._live.done.wait(timeout):
             raise TimeoutError(f"room {self.room} still {self.poll()} after {timeout}s")
         room = self._live.room
@@ -212,7 +222,8 @@ class Receiver:
                 if ep._rooms.get(self.room) is live:
                     del ep._rooms[self.room]
             ep._loop.call_lazy(ep._clear_room, live)
-        else:
+        elif not ep._loop.try_run_here(ep._clear_room, live):
+            # the loop is busy: it frees the blocks (and tells the encoder)
             ep._loop.call(ep._clear_room, live)
 
 
@@ -595,18 +606,47 @@ class LanguageEndpoint:
         return enc
 
     def _send(self, enc: _Encoder, msg: Message) -> bool:
-        """Send ``msg`` to ``enc``; False when it was dropped. Loop thread, or
-        any thread for a lane (``_start_here``)."""
+        """Send ``msg`` to ``enc``; False when it was dropped. Any thread for a
+        lane (``_start_here``); over ZeroMQ only the loop thread touches the
+        socket, so others queue the send for it (loop work run on another
+        thread, ``Loop.try_run_here``/``serve_here``)."""
+        if enc.lane is None and not self._loop.on_loop_thread():
+            self._loop.call(self._send, enc, msg)
+            return True
         ok = enc.send(self._auth.seal(encode(msg)))
         if not ok:
             self.dropped_messages += 1
             log.info("language: could not send %s to %s", type(msg).__name__, enc.address)
         if enc.lane is not None and enc.lane.wants_write:
-            if self._loop.on_loop_thread():
+            if self._loop.holds_state():
                 self._loop.watch_writable(enc.lane.fileno(), True)
             else:
                 self._loop.call(self._watch_lane, enc)
         return ok
+
+    def _serve_until_done(self, live: _Live, timeout: float | None) -> None:
+        """Wait for ``live`` to end by serving its encoder's lane on this thread
+        (``Loop.serve_here``): the answer then wakes this thread directly
+        instead of the loop, which would then wake this thread. Returns at
+        once, having done nothing, where that cannot be done (no lane, another
+        thread already serves it, no eventfd): the caller then waits for the
+        room's event as before."""
+        enc = live.encoder
+        if enc is None or enc.lane is None or enc.lane.closed or not hasattr(os, "eventfd"):
+            return
+        if self._loop.holds_state() or self._loop.on_loop_thread():
+            return
+        with self._loop.state:
+            if live.waker is not None or live.done.is_set():
+                return
+            live.waker = waker = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self._loop.serve_here(enc.lane.fileno(), live.done.is_set, deadline, waker)
+        finally:
+            with self._loop.state:  # nobody writes it once it is None
+                live.waker = None
+            os.close(waker)
 
     def _watch_lane(self, enc: _Encoder) -> None:
         if enc.lane is not None and not enc.lane.closed:
@@ -750,6 +790,11 @@ class LanguageEndpoint:
                     self.metrics.resumes.labels("language").inc()
                 if a.new.is_terminal:
                     live.done.set()  # first: the waiting thread takes a while to wake
+                    if live.waker is not None:  # a thread serving the lane for it
+                        try:
+                            os.eventfd_write(live.waker, 1)
+                        except OSError:
+                            pass
                     now = time.monotonic()
                     self.metrics.ended(a.new.name, now - live.created)
                     self._ended[id(live)] = (now, live)

@@ -175,3 +175,82 @@ def test_a_request_from_a_callers_thread_never_overtakes_the_registration(monkey
         for rx in started:
             assert same_embedding(rx.wait(timeout=30), make_embedding(SCHEMA, 3, 0, rx.room))
         assert enc.stats.dropped_messages == 0
+
+
+def test_the_thread_in_wait_reads_its_answer_off_the_lane_itself():
+    """While a thread waits for a room whose encoder it reaches over a lane,
+    that thread serves the lane (the loop does not watch it meanwhile): the
+    answer wakes it directly, not the loop first. Once its room is done, the
+    loop serves the lane again."""
+    import threading
+
+    with (
+        EncoderEndpoint(SCHEMA, num_blocks=32) as enc,
+        LanguageEndpoint(SCHEMA, num_blocks=32) as lang,
+    ):
+        handled: list[tuple[int, int]] = []  # (thread, room) of each status handled
+        real = lang._on_payload
+
+        def on_payload(encoder, payload):
+            from embedlink.protocol import StatusUpdate, decode
+
+            msg = decode(lang._auth.open(payload))
+            if isinstance(msg, StatusUpdate):
+                handled.append((threading.get_ident(), msg.room))
+            real(encoder, payload)
+
+        lang._on_payload = on_payload  # bound into the lane's handler when it connects
+        # a first room connects (the loop starts it; the caller's thread starts
+        # rooms only for encoders it already reaches over a lane)
+        enc.sender(0).send(make_embedding(SCHEMA, 10, 0, 0))
+        lang.receiver(encoder=enc.address, room=0).wait(timeout=30)
+        handled.clear()
+        rx = lang.receiver(encoder=enc.address, room=1)
+
+        def send_once_a_thread_serves_the_lane():
+            for _ in range(1000):
+                if lang._loop._lent:
+                    break
+                threading.Event().wait(0.01)
+            enc.sender(1).send(make_embedding(SCHEMA, 200, 0, 1))
+
+        sender = threading.Thread(target=send_once_a_thread_serves_the_lane)
+        sender.start()
+        assert same_embedding(rx.wait(timeout=30), make_embedding(SCHEMA, 200, 0, 1))
+        sender.join(30)
+        assert handled == [(threading.get_ident(), 1)]
+        assert not lang._loop._lent
+        # afterwards the loop serves the lane again
+        handled.clear()
+        enc.sender(3).send(make_embedding(SCHEMA, 50, 0, 3))
+        rx3 = lang.receiver(encoder=enc.address, room=3)
+        for _ in range(500):
+            if rx3.poll().is_terminal:
+                break
+            threading.Event().wait(0.01)
+        assert rx3.poll() is Status.Success
+        assert handled == [(lang._loop._thread.ident, 3)]
+        assert lang._loop.errors == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_room_ended_by_another_thread_wakes_the_thread_serving_its_lane(monkeypatch):
+    """The thread in wait() sleeps on the lane; a room that ends another way
+    (here abort() from another thread, run by the loop) wakes it through its
+    eventfd, not at the end of a sleep slice (set to a minute here)."""
+    import threading
+
+    from embedlink import TransferError, _loop
+
+    monkeypatch.setattr(_loop, "SERVE_SLICE_S", 60.0)
+    with (
+        EncoderEndpoint(SCHEMA, num_blocks=32, **SLOW_HB) as enc,
+        LanguageEndpoint(SCHEMA, num_blocks=32, **SLOW_HB) as lang,
+    ):
+        enc.sender(7)  # opened, never sent
+        rx = lang.receiver(encoder=enc.address, room=7)
+        threading.Timer(0.3, rx.abort, ("given up by another thread",)).start()
+        with pytest.raises(TransferError, match="given up by another thread"):
+            rx.wait(timeout=25)
+        rx.clear()
+        assert lang.allocator.wait_all_free(10)
