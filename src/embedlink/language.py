@@ -634,6 +634,8 @@ class LanguageEndpoint:
         enc = live.encoder
         if enc is None or enc.lane is None or enc.lane.closed or not hasattr(os, "eventfd"):
             return
+        if timeout is not None and timeout <= 0:
+            return  # a look, not a wait: not worth taking the lane over
         if self._loop.holds_state() or self._loop.on_loop_thread():
             return
         with self._loop.state:
