@@ -36,7 +36,11 @@ from ._lane import Lane
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Loop", "check_endpoint_knobs"]
+__all__ = ["CLOSE_LINGER_MS", "Loop", "check_endpoint_knobs"]
+
+#: how long closing an endpoint lets ZeroMQ deliver the aborts it just sent
+#: to its peers (only a peer that is connected but not reading makes it wait)
+CLOSE_LINGER_MS = 200
 
 #: how long serve_here() sleeps at most before it looks whether the loop is stopping
 SERVE_SLICE_S = 1.0
@@ -210,7 +214,8 @@ class Loop:
                         break  # it now waits for output (the loop watches that), or closed
         finally:
             with self.state:
-                if self._lent.pop(fd, None) is handler and self._fd_handlers.get(fd) is handler:
+                lent = self._lent.pop(fd, None)
+                if lent is handler and self._fd_handlers.get(fd) is handler and not self._stopping:
                     mask = select.EPOLLIN | (select.EPOLLOUT if fd in self._fd_writable else 0)
                     self._epoll.register(fd, mask)  # level-triggered: bytes that wait wake it
         return until()

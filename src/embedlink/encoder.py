@@ -28,7 +28,7 @@ import zmq
 
 from . import _lane
 from ._host import host_id
-from ._loop import Loop, check_endpoint_knobs
+from ._loop import CLOSE_LINGER_MS, Loop, check_endpoint_knobs
 from .auth import Authenticator
 from .bootstrap import BootstrapClient, RouteInfo
 from .embedding import Embedding, to_pool_arrays
@@ -421,6 +421,13 @@ class EncoderEndpoint:
             return
         self._closed = True
         if self._started:
+            # Rooms still open end now, with a reason, and their destinations
+            # are told: threads in Sender.wait() return, language ranks fail
+            # those rooms at once instead of noticing a dead peer later.
+            try:
+                self._loop.call_wait(self._end_rooms, "encoder endpoint closed")
+            except TimeoutError:
+                log.warning("encoder: the loop did not end the open rooms before closing")
             self._loop.stop()
         self._workers.shutdown(wait=True, cancel_futures=True)
         for p in self._peers.values():
@@ -431,7 +438,7 @@ class EncoderEndpoint:
         for p in self._peers.values():
             p.close_writer()
         if self._sock is not None:
-            self._sock.close(0)
+            self._sock.close(CLOSE_LINGER_MS)  # the aborts just sent, to live peers
         for lane in self._lanes.values():
             lane.close()
         if self._listener is not None:
@@ -540,6 +547,12 @@ class EncoderEndpoint:
 
     def _data_ready(self, room: SenderRoom, n: int, blocks: list[int]) -> None:
         self._run(room, room.data_ready(n, blocks, time.monotonic()))
+
+    def _end_rooms(self, reason: str) -> None:
+        now = time.monotonic()
+        for room in list(self._rooms.values()):
+            if not room.done:
+                self._run(room, room.abort(now, reason))
 
     def _abort_room(self, room: SenderRoom, reason: str) -> None:
         self._run(room, room.abort(time.monotonic(), reason))

@@ -37,7 +37,7 @@ import zmq
 
 from . import _lane
 from ._host import host_id
-from ._loop import Loop, check_endpoint_knobs
+from ._loop import CLOSE_LINGER_MS, Loop, check_endpoint_knobs
 from .auth import Authenticator
 from .bootstrap import BootstrapClient
 from .embedding import Embedding, from_pool_arrays
@@ -117,11 +117,12 @@ class _Encoder:
         self.sock.send(payload)
         return True
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """``linger_ms``: how long ZeroMQ may still try to deliver what was sent."""
         if self.lane is not None:
             self.lane.close()
         if self.sock is not None:
-            self.sock.close(0)
+            self.sock.close(linger_ms)
 
 
 @dataclass
@@ -372,9 +373,15 @@ class LanguageEndpoint:
             return
         self._closed = True
         if self._started:
+            # Rooms still open end now, with a reason, and their encoders are
+            # told: threads waiting on them return instead of at their timeouts.
+            try:
+                self._loop.call_wait(self._end_rooms, "language endpoint closed")
+            except TimeoutError:
+                log.warning("language: the loop did not end the open rooms before closing")
             self._loop.stop()
         for e in self._encoders.values():
-            e.close()
+            e.close(CLOSE_LINGER_MS)  # the aborts just sent, to live peers
         if self._ctx is not None:
             self._ctx.term()
         for s in self._servers:
@@ -679,6 +686,13 @@ class LanguageEndpoint:
     def _start_room(self, live: _Live, address: str) -> None:
         live.encoder = self._encoder(address)
         self._run(live, live.room.start(time.monotonic()))
+
+    def _end_rooms(self, reason: str) -> None:
+        for live in list(self._rooms.values()):
+            if not live.room.done:
+                fail = functools.partial(self._abort_room, live, reason)
+                if not self._defer(live, fail):
+                    fail()
 
     def _abort_room(self, live: _Live, reason: str) -> None:
         self._dequeue(live)

@@ -58,7 +58,12 @@ def test_language_closing_ends_its_rooms_on_the_encoder_at_once():
             assert tx.poll() is Status.WaitingForInput
             assert rx.poll() is Status.WaitingForInput
         assert tx.wait(10) is Status.Failed
-        assert "control connection ended" in (tx.failure_reason or "")
+        # told by the closing endpoint; its lane's end then ends the session
+        assert "aborted by peer: language endpoint closed" in (tx.failure_reason or "")
+        for _ in range(500):
+            if enc.stats.dead_sessions:
+                break
+            tx.wait(0.01)
         assert enc.stats.dead_sessions == 1
         tx.clear()
         assert enc.allocator.wait_all_free(10)
@@ -254,3 +259,64 @@ def test_a_room_ended_by_another_thread_wakes_the_thread_serving_its_lane(monkey
             rx.wait(timeout=25)
         rx.clear()
         assert lang.allocator.wait_all_free(10)
+
+
+@pytest.mark.parametrize("local", [True, False], ids=["unix", "zmq"])
+@pytest.mark.timeout(60)
+def test_closing_an_endpoint_ends_its_open_rooms_and_releases_waiting_threads(local):
+    """Threads waiting on rooms return when their endpoint closes, with a
+    reason, instead of at their own timeouts (or never); the peer is told and
+    fails its side of those rooms at once."""
+    import threading
+
+    from embedlink import TransferError
+
+    kw = dict(num_blocks=32, local_control=local, **SLOW_HB)
+    # the language side closes
+    with EncoderEndpoint(SCHEMA, **kw) as enc:
+        with LanguageEndpoint(SCHEMA, **kw) as lang:
+            # a first room connects, so the next one's waiter may serve the lane
+            enc.sender(1).send(make_embedding(SCHEMA, 10, 0, 1))
+            lang.receiver(encoder=enc.address, room=1).wait(timeout=30)
+            tx = enc.sender(2)  # opened, never sent
+            rx = lang.receiver(encoder=enc.address, room=2)
+            errors: list[BaseException] = []
+
+            def wait_forever() -> None:
+                try:
+                    rx.wait()  # no timeout: only the room's end returns
+                except BaseException as exc:
+                    errors.append(exc)
+
+            waiter = threading.Thread(target=wait_forever)
+            waiter.start()
+            for _ in range(100):
+                if tx.poll() is Status.WaitingForInput:
+                    break
+                tx.wait(0.05)
+        waiter.join(20)
+        assert not waiter.is_alive()
+        assert len(errors) == 1 and isinstance(errors[0], TransferError)
+        assert "language endpoint closed" in str(errors[0])
+        assert tx.wait(20) is Status.Failed
+        assert "language endpoint closed" in (tx.failure_reason or "")
+    # the encoder side closes
+    with LanguageEndpoint(SCHEMA, **kw) as lang:
+        enc = EncoderEndpoint(SCHEMA, **kw).start()
+        try:
+            tx = enc.sender(3)
+            rx = lang.receiver(encoder=enc.address, room=3)
+            for _ in range(100):
+                if tx.poll() is Status.WaitingForInput:
+                    break
+                tx.wait(0.05)
+            outcome: list[Status] = []
+            waiter = threading.Thread(target=lambda: outcome.append(tx.wait()))
+            waiter.start()
+        finally:
+            enc.close()
+        waiter.join(20)
+        assert outcome == [Status.Failed]
+        assert "encoder endpoint closed" in (tx.failure_reason or "")
+        with pytest.raises(TransferError, match="encoder endpoint closed"):
+            rx.wait(timeout=20)
