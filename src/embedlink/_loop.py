@@ -1,10 +1,10 @@
 """The I/O thread each endpoint runs: one owner for its ZeroMQ sockets and rooms.
 
 ZeroMQ sockets are not thread-safe, and the room state machines are not
-either, so one thread owns both (after pyzmq's guidance and httpcore's "small
+either, so one loop owns both (after pyzmq's guidance and httpcore's "small
 loop around a state machine"). Other threads (the user's, transport workers)
-never touch them: they :meth:`Loop.call` a function, which is queued and run on
-the loop thread. A pipe wakes the poller so queued calls run at once instead of
+:meth:`Loop.call` a function, which is queued and run on the loop thread, or
+run loop work themselves under the loop's lock while it sleeps (below). A pipe wakes the poller so queued calls run at once instead of
 at the next poll timeout; while a wake-up is already pending no further byte is
 written (one syscall and one poller wake-up per burst of calls, not per call).
 Calls that need not run promptly (:meth:`Loop.call_lazy`) wake nothing: they
