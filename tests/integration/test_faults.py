@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from embedlink import BufferSchema, LanguageEndpoint, Status, TransferError
+from embedlink import BufferSchema, LanguageEndpoint, Status, TransferError, _loop
 from embedlink.workers import make_embedding, same_embedding
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -77,7 +77,13 @@ def test_language_killed_mid_transfer(boot, spawn_encoder, spawn_language, trans
         ("shm", signal.SIGKILL, "zmq"),
     ],
 )
-def test_encoder_killed_or_hung_fails_its_rooms(boot, spawn_encoder, transport, how, control):
+def test_encoder_killed_or_hung_fails_its_rooms(
+    boot, spawn_encoder, transport, how, control, monkeypatch
+):
+    # This thread serves the lane while it waits (Loop.serve_here). A hung
+    # encoder sends nothing on it: only the eventfd the loop writes when the
+    # heartbeats fail the room can wake the wait before this slice ends.
+    monkeypatch.setattr(_loop, "SERVE_SLICE_S", 120.0)
     lane = control == "unix"
     enc = spawn_encoder(
         local_control=lane,

@@ -241,10 +241,12 @@ def test_the_thread_in_wait_reads_its_answer_off_the_lane_itself():
 
 
 @pytest.mark.timeout(30)
-def test_a_room_ended_by_another_thread_wakes_the_thread_serving_its_lane(monkeypatch):
-    """The thread in wait() sleeps on the lane; a room that ends another way
-    (here abort() from another thread, run by the loop) wakes it through its
-    eventfd, not at the end of a sleep slice (set to a minute here)."""
+def test_an_abort_from_another_thread_ends_a_wait_that_serves_the_lane(monkeypatch):
+    """The thread in wait() sleeps on the lane it serves; abort() from another
+    thread (run by the loop) still ends its wait at once, not at the end of a
+    sleep slice (set to a minute here). The loop-side wake-up of a serving
+    thread (its eventfd, for rooms that end with no message on the lane) is
+    tested with a hung encoder in test_faults.py."""
     import threading
 
     from embedlink import TransferError, _loop
@@ -254,11 +256,26 @@ def test_a_room_ended_by_another_thread_wakes_the_thread_serving_its_lane(monkey
         EncoderEndpoint(SCHEMA, num_blocks=32, **SLOW_HB) as enc,
         LanguageEndpoint(SCHEMA, num_blocks=32, **SLOW_HB) as lang,
     ):
+        # a first room connects, so the next starts on this thread and its
+        # wait() serves the lane
+        enc.sender(1).send(make_embedding(SCHEMA, 10, 0, 1))
+        lang.receiver(encoder=enc.address, room=1).wait(timeout=20)
         enc.sender(7)  # opened, never sent
         rx = lang.receiver(encoder=enc.address, room=7)
-        threading.Timer(0.3, rx.abort, ("given up by another thread",)).start()
+
+        def abort_once_served() -> None:
+            for _ in range(1000):
+                if lang._loop._lent:
+                    break
+                time.sleep(0.01)
+            served.append(bool(lang._loop._lent))
+            rx.abort("given up by another thread")
+
+        served: list[bool] = []
+        threading.Thread(target=abort_once_served).start()
         with pytest.raises(TransferError, match="given up by another thread"):
             rx.wait(timeout=25)
+        assert served == [True]
         rx.clear()
         assert lang.allocator.wait_all_free(10)
 
