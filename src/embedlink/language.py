@@ -149,6 +149,7 @@ class _Live:
     #: itself (``Loop.serve_here``): written when the room ends some other
     #: way. Set and cleared holding the loop's state.
     waker: int | None = None
+    waker_thread: int | None = None  # the thread polling ``waker``
 
 
 class Receiver:
@@ -649,12 +650,13 @@ class LanguageEndpoint:
             if live.waker is not None or live.done.is_set():
                 return
             live.waker = waker = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            live.waker_thread = threading.get_ident()
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
             self._loop.serve_here(enc.lane.fileno(), live.done.is_set, deadline, waker)
         finally:
             with self._loop.state:  # nobody writes it once it is None
-                live.waker = None
+                live.waker = live.waker_thread = None
             os.close(waker)
 
     def _watch_lane(self, enc: _Encoder) -> None:
@@ -806,7 +808,8 @@ class LanguageEndpoint:
                     self.metrics.resumes.labels("language").inc()
                 if a.new.is_terminal:
                     live.done.set()  # first: the waiting thread takes a while to wake
-                    if live.waker is not None:  # a thread serving the lane for it
+                    # a thread serving the lane for it, unless that is this one
+                    if live.waker is not None and live.waker_thread != threading.get_ident():
                         try:
                             os.eventfd_write(live.waker, 1)
                         except OSError:

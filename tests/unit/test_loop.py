@@ -51,6 +51,17 @@ def reader(lp, sock, seen):
     return handler
 
 
+def watched(lp):
+    """A socket pair whose second end ``lp`` watches with :func:`reader`; the
+    first end (to write to), the second, what the reader saw, and an eventfd."""
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    seen = []
+    lp.call(lp.add_fd, b.fileno(), reader(lp, b, seen))
+    idle(lp)
+    return a, b, seen, os.eventfd(0, os.EFD_NONBLOCK)
+
+
 def test_try_run_here_runs_on_the_callers_thread_holding_the_state(loop):
     idle(loop)
     ran = []
@@ -73,12 +84,7 @@ def test_try_run_here_refuses_while_calls_wait_or_the_loop_works(loop):
 
 
 def test_serve_here_runs_the_handler_on_the_waiting_thread_then_gives_the_fd_back(loop):
-    a, b = socket.socketpair()
-    b.setblocking(False)
-    seen = []
-    loop.call(loop.add_fd, b.fileno(), reader(loop, b, seen))
-    idle(loop)
-    waker = os.eventfd(0, os.EFD_NONBLOCK)
+    a, b, seen, waker = watched(loop)
     threading.Timer(0.1, a.send, (b"one",)).start()
     done = loop.serve_here(b.fileno(), lambda: bool(seen), time.monotonic() + 10, waker)
     assert done is True
@@ -95,12 +101,7 @@ def test_serve_here_runs_the_handler_on_the_waiting_thread_then_gives_the_fd_bac
 
 def test_serve_here_stops_at_its_deadline_and_when_woken(loop, monkeypatch):
     monkeypatch.setattr(_loop, "SERVE_SLICE_S", 60.0)  # only the waker can end the wait early
-    _a, b = socket.socketpair()
-    b.setblocking(False)
-    seen = []
-    loop.call(loop.add_fd, b.fileno(), reader(loop, b, seen))
-    idle(loop)
-    waker = os.eventfd(0, os.EFD_NONBLOCK)
+    _a, b, seen, waker = watched(loop)
     assert loop.serve_here(b.fileno(), lambda: False, time.monotonic() + 0.2, waker) is False
     flag = threading.Event()
 
