@@ -36,7 +36,7 @@ from ._lane import Lane
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CLOSE_LINGER_MS", "Loop", "check_endpoint_knobs"]
+__all__ = ["BUSY_POLL_S", "CLOSE_LINGER_MS", "Loop", "check_endpoint_knobs"]
 
 #: how long closing an endpoint lets ZeroMQ deliver the aborts it just sent
 #: to its peers (only a peer that is connected but not reading makes it wait)
@@ -45,19 +45,43 @@ CLOSE_LINGER_MS = 200
 #: how long serve_here() sleeps at most before it looks whether the loop is stopping
 SERVE_SLICE_S = 1.0
 
+#: the default of the ``busy_poll_us`` setting, in seconds
+BUSY_POLL_S = 400e-6
+
+_yield: Callable[[], None] = getattr(os, "sched_yield", lambda: time.sleep(0))
+
 SocketHandler = Callable[[zmq.Socket[bytes]], None]
 FdHandler = Callable[[], None]
 
 
 class Loop:
-    """A thread running a zmq poller, queued calls and a periodic tick."""
+    """A thread running a zmq poller, queued calls and a periodic tick.
+
+    ``busy_poll`` (seconds): after handling anything, keep looking for the
+    next event without sleeping for that long, yielding the CPU to any other
+    runnable thread between looks, as long as ``may_spin()`` (when given)
+    says so. Same for a thread in :meth:`serve_here`. Why: on a machine
+    whose idle CPUs halt, waking a sleeping thread costs tens of
+    microseconds, and in a conversation of small messages the next one
+    usually comes within a few hundred (docs/performance.md). 0: always
+    sleep."""
 
     def __init__(
-        self, name: str, *, tick: Callable[[float], None], tick_interval: float = 0.1
+        self,
+        name: str,
+        *,
+        tick: Callable[[float], None],
+        tick_interval: float = 0.1,
+        busy_poll: float = 0.0,
+        may_spin: Callable[[], bool] | None = None,
     ) -> None:
+        if busy_poll < 0:
+            raise ValueError(f"busy_poll must be >= 0 seconds, got {busy_poll}")
         self.name = name
         self._tick = tick
         self._tick_interval = tick_interval
+        self.busy_poll = busy_poll
+        self._may_spin = may_spin
         self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = (
             queue.SimpleQueue()
         )
@@ -191,17 +215,24 @@ class Loop:
             p = select.poll()
             p.register(fd, select.POLLIN)
             p.register(waker, select.POLLIN)
+            spin_until = time.monotonic() + self.busy_poll if self.busy_poll else 0.0
             while not until():
-                left = None if deadline is None else deadline - time.monotonic()
+                now = time.monotonic()
+                left = None if deadline is None else deadline - now
                 if left is not None and left <= 0:
                     break
-                # slices, so a stopping loop is noticed even if nobody wakes us
-                most = int(SERVE_SLICE_S * 1000)
-                slice_ms = most if left is None else min(most, int(left * 1000) + 1)
-                if not p.poll(slice_ms):
-                    if self._stopping:
-                        break
-                    continue
+                if now < spin_until:
+                    if not p.poll(0):
+                        _yield()
+                        continue
+                else:
+                    # slices, so a stopping loop is noticed even if nobody wakes us
+                    most = int(SERVE_SLICE_S * 1000)
+                    slice_ms = most if left is None else min(most, int(left * 1000) + 1)
+                    if not p.poll(slice_ms):
+                        if self._stopping:
+                            break
+                        continue
                 with self.state:
                     if self._stopping or self._fd_handlers.get(fd) is not handler:
                         break  # the fd was closed (and maybe reused) meanwhile
@@ -212,6 +243,8 @@ class Loop:
                         self._holder = None
                     if fd in self._fd_writable or self._fd_handlers.get(fd) is not handler:
                         break  # it now waits for output (the loop watches that), or closed
+                if self.busy_poll:
+                    spin_until = time.monotonic() + self.busy_poll
         finally:
             with self.state:
                 lent = self._lent.pop(fd, None)
@@ -314,6 +347,7 @@ class Loop:
     def _run(self) -> None:
         next_tick = time.monotonic() + self._tick_interval
         me = threading.get_ident()
+        spin_until = 0.0
         self.state.acquire()
         self._holder = me
         while not self._stopping:
@@ -321,7 +355,9 @@ class Loop:
             self._holder = None
             self.state.release()  # asleep: others may run loop work meanwhile
             try:
-                ready = dict(self._poller.poll(timeout_ms))
+                ready = self._spin(spin_until) if spin_until else {}
+                if not ready:
+                    ready = dict(self._poller.poll(timeout_ms))
             except zmq.ZMQError as exc:
                 log.error("%s: poll failed: %s", self.name, exc)
                 self.state.acquire()
@@ -360,10 +396,33 @@ class Loop:
             if now >= next_tick:
                 self._guard(self._tick, now)
                 next_tick = now + self._tick_interval
+            spin_until = 0.0
+            if ready and self.busy_poll and self._spin_wanted():
+                spin_until = now + self.busy_poll
         self._run_calls()
         self._holder = None
         self.state.release()
         self._stopped.set()
+
+    def _spin_wanted(self) -> bool:
+        try:
+            return self._may_spin is None or self._may_spin()
+        except Exception:
+            self.errors += 1
+            log.exception("%s: error in may_spin", self.name)
+            return False
+
+    def _spin(self, until: float) -> dict[Any, int]:
+        """Look for events without sleeping until ``until`` (monotonic);
+        what is ready, or nothing. Not holding the state."""
+        poll = self._poller.poll
+        while True:
+            ready = poll(0)
+            if ready:
+                return dict(ready)
+            if self._stopping or time.monotonic() >= until:
+                return {}
+            _yield()  # any other runnable thread on this CPU goes first
 
     def _run_calls(self) -> None:
         while True:
@@ -390,6 +449,7 @@ def check_endpoint_knobs(
     heartbeat_interval: float,
     bootstrap_timeout: float | None = None,
     heartbeat_misses: int,
+    busy_poll_us: float = 0.0,
 ) -> None:
     """The checks both endpoints make at construction: ValueError naming the setting."""
     if not 0 <= tp_rank < tp_size:
@@ -403,3 +463,5 @@ def check_endpoint_knobs(
             f"heartbeat_interval={heartbeat_interval} must be positive and "
             f"heartbeat_misses={heartbeat_misses} at least 1"
         )
+    if not 0 <= busy_poll_us <= 1e6:
+        raise ValueError(f"busy_poll_us must be in [0, 1000000] microseconds, got {busy_poll_us}")

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from ._loop import BUSY_POLL_S
 from .protocol import BufferSchema
 
 __all__ = ["BenchRow", "raw_gbps", "run_bench"]
@@ -80,6 +81,8 @@ class BenchRow:
     #: the CPUs the encoder and language processes were pinned to ("0/1"),
     #: empty when they ran wherever the scheduler put them
     cpus: str = ""
+    #: the endpoints' ``busy_poll_us`` setting in this run
+    busy_poll_us: float = float("nan")
 
 
 def _cpu_s() -> float:
@@ -174,6 +177,7 @@ def _bench_encoder(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
         transports=(cfg["transport"],),
         room_timeout=120.0,
         device=device,
+        busy_poll_us=cfg["busy_poll_us"],
     ) as ep:
         _prefault(ep.pool)
         replies.put(("ready", _affinity()))
@@ -233,6 +237,7 @@ def _bench_language(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
         room_timeout=120.0,
         device=cfg.get("device"),
         zero_copy=cfg.get("one_copy", True),
+        busy_poll_us=cfg["busy_poll_us"],
     ) as ep:
         _prefault(ep.pool)
         replies.put(("ready", _affinity()))
@@ -657,6 +662,7 @@ def _row(
     one_copy: bool,
     zmq_rtt_ms: float,
     cpus: str = "",
+    busy_poll_us: float = float("nan"),
 ) -> BenchRow:
     """Run one row through the two worker processes and summarise it."""
     e_cmd, e_rep, l_cmd, l_rep = queues
@@ -700,6 +706,7 @@ def _row(
         window=window,
         zmq_rtt_ms=round(zmq_rtt_ms, 4),
         cpus=cpus,
+        busy_poll_us=busy_poll_us,
     )
 
 
@@ -717,13 +724,15 @@ def run_bench(
     one_copy: bool = True,
     latency_probes: bool = True,
     pin: bool = False,
+    busy_poll_us: float | None = None,
 ) -> tuple[list[BenchRow], dict[str, float]]:
     """Run every (transport, size, mode) row with ``window`` rooms in flight,
     then (``latency_probes``) a few rows with one room in flight; return the
     rows and the extras (``zmq_rtt_ms``). Each transport's processes are
     spawned once. ``pin`` keeps the encoder process on one CPU and the
     language process on another (:func:`worker_cpus`). The ZeroMQ round trip
-    is measured between two processes on two different CPUs either way."""
+    is measured between two processes on two different CPUs either way.
+    ``busy_poll_us``: the endpoints' setting (None: its default)."""
     from .bootstrap import BootstrapServer
 
     schema = BufferSchema(hidden_size=hidden_size)
@@ -737,6 +746,7 @@ def run_bench(
     # CPU, and the same round trip then takes a third of the time.
     apart = worker_cpus(True)
     extras = {"zmq_rtt_ms": zmq_round_trip_ms(cpus=(apart[1], apart[0]))}
+    extras["busy_poll_us"] = BUSY_POLL_S * 1e6 if busy_poll_us is None else busy_poll_us
     if "shm" in transports:
         # for reference: the same memcpy on one buffer, hot in the cache (what a
         # naive baseline reports; the rows' limit cycles through pool-sized
@@ -765,6 +775,7 @@ def run_bench(
                 transport=transport,
                 device=device,
                 one_copy=one_copy,
+                busy_poll_us=BUSY_POLL_S * 1e6 if busy_poll_us is None else busy_poll_us,
             )
             e_cmd, e_rep, l_cmd, l_rep = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Queue()
             enc = ctx.Process(
@@ -838,6 +849,7 @@ def run_bench(
                             device=device,
                             one_copy=one_copy,
                             zmq_rtt_ms=extras["zmq_rtt_ms"],
+                            busy_poll_us=extras["busy_poll_us"],
                             cpus=cpus,
                         )
                     )

@@ -71,6 +71,10 @@ def _at_least_one(v: Any) -> str | None:
     return None if v >= 1 else f"must be at least 1, got {v}"
 
 
+def _busy_poll(v: Any) -> str | None:
+    return None if 0 <= v <= 1e6 else f"must be between 0 and 1000000 microseconds, got {v}"
+
+
 def _port(v: Any) -> str | None:
     return None if 0 <= v <= 65535 else f"must be a port number in [0, 65535], got {v}"
 
@@ -265,6 +269,17 @@ SETTINGS: tuple[Setting, ...] = (
         "docs/performance.md); other peers use ZeroMQ either way",
         _ENDPOINTS,
     ),
+    Setting(
+        "busy_poll_us",
+        "float",
+        400.0,
+        "microseconds the endpoint's threads keep looking for the next control message "
+        "after handling one before they sleep (yielding the CPU to other runnable threads "
+        "meanwhile): on hosts whose idle CPUs halt, this halves a small room's latency; "
+        "0 always sleeps (docs/performance.md)",
+        _ENDPOINTS,
+        check=_busy_poll,
+    ),
     # -- parallelism
     Setting(
         "tp_rank", "int", 0, "this rank's tensor-parallel rank", _ENDPOINTS, check=_non_negative
@@ -446,6 +461,7 @@ class Config:
             "num_blocks", "block_size", "tp_rank", "tp_size", "dp_size", "host",
             "room_timeout", "bootstrap_timeout", "heartbeat_interval", "heartbeat_misses",
             "room_ttl", "auth_secret", "metrics_port", "device", "local_control",
+            "busy_poll_us",
         )  # fmt: skip
         kw: dict[str, Any] = {name: v[name] for name in shared}
         kw.update(transports=tuple(v["transports"]), transport_options=self.transport_options())

@@ -28,7 +28,7 @@ import zmq
 
 from . import _lane
 from ._host import host_id
-from ._loop import CLOSE_LINGER_MS, Loop, check_endpoint_knobs
+from ._loop import BUSY_POLL_S, CLOSE_LINGER_MS, Loop, check_endpoint_knobs
 from .auth import Authenticator
 from .bootstrap import BootstrapClient, RouteInfo
 from .embedding import Embedding, to_pool_arrays
@@ -304,6 +304,7 @@ class EncoderEndpoint:
         metrics_port: int | None = None,
         on_request: Callable[[RoomId], None] | None = None,
         local_control: bool = True,
+        busy_poll_us: float = BUSY_POLL_S * 1e6,
     ) -> None:
         check_endpoint_knobs(
             tp_rank=tp_rank,
@@ -312,6 +313,7 @@ class EncoderEndpoint:
             bootstrap_timeout=bootstrap_timeout,
             heartbeat_interval=heartbeat_interval,
             heartbeat_misses=heartbeat_misses,
+            busy_poll_us=busy_poll_us,
         )
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
@@ -364,7 +366,16 @@ class EncoderEndpoint:
         self._workers = ThreadPoolExecutor(
             max_workers=write_workers, thread_name_prefix="embedlink-write"
         )
-        self._loop = Loop(f"embedlink-encoder-{tp_rank}", tick=self._tick)
+        # Writes on worker threads not yet reported back to the loop: while
+        # there are any, the loop sleeps between events rather than take a CPU
+        # from the copies (it is woken when they end).
+        self._writes_out = 0
+        self._loop = Loop(
+            f"embedlink-encoder-{tp_rank}",
+            tick=self._tick,
+            busy_poll=busy_poll_us / 1e6,
+            may_spin=lambda: self._writes_out == 0,
+        )
         self._started = False
         self._closed = False
 
@@ -777,8 +788,10 @@ class EncoderEndpoint:
                     # A local copy this small costs less than two thread hand-offs.
                     self._write(room, a, peer, inline=True)
                 elif peer is not None and peer.executor is not None:
+                    self._writes_out += 1
                     peer.executor.submit(self._write, room, a, peer)
                 else:
+                    self._writes_out += 1
                     self._workers.submit(self._write, room, a, peer)
             elif isinstance(a, FreeBlocks):
                 self.allocator.free(a.blocks)
@@ -828,7 +841,7 @@ class EncoderEndpoint:
         if inline:
             self._write_done(room, w.dst, ok, reason)
         else:
-            self._loop.call(self._write_done, room, w.dst, ok, reason)
+            self._loop.call(self._write_returned, room, w.dst, ok, reason)
         if ok:
             self.stats.bytes_written += w.plan.nbytes
             self.stats.chunks_written += 1
@@ -874,6 +887,13 @@ class EncoderEndpoint:
         for room in list(self._orphans):
             if peer.session in room.dsts:
                 self._run(room, room.peer_dead(peer.session, now, reason))
+
+    def _write_returned(
+        self, room: SenderRoom, dst: SessionId, ok: bool, reason: str | None
+    ) -> None:
+        """A write done on a worker thread, reported on the loop."""
+        self._writes_out -= 1
+        self._write_done(room, dst, ok, reason)
 
     def _write_done(self, room: SenderRoom, dst: SessionId, ok: bool, reason: str | None) -> None:
         self._run(room, room.write_done(dst, ok, time.monotonic(), reason))

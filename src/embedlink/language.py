@@ -37,7 +37,7 @@ import zmq
 
 from . import _lane
 from ._host import host_id
-from ._loop import CLOSE_LINGER_MS, Loop, check_endpoint_knobs
+from ._loop import BUSY_POLL_S, CLOSE_LINGER_MS, Loop, check_endpoint_knobs
 from .auth import Authenticator
 from .bootstrap import BootstrapClient
 from .embedding import Embedding, from_pool_arrays
@@ -263,6 +263,7 @@ class LanguageEndpoint:
         transport_options: Mapping[str, Mapping[str, str]] | None = None,
         device: str | None = None,
         local_control: bool = True,
+        busy_poll_us: float = BUSY_POLL_S * 1e6,
     ) -> None:
         if not transports:
             raise ValueError("offer at least one transport")
@@ -275,6 +276,7 @@ class LanguageEndpoint:
             bootstrap_timeout=bootstrap_timeout,
             heartbeat_interval=heartbeat_interval,
             heartbeat_misses=heartbeat_misses,
+            busy_poll_us=busy_poll_us,
         )
         if default_tokens > num_blocks * block_size:
             raise ValueError(
@@ -345,7 +347,9 @@ class LanguageEndpoint:
         self._firsts: collections.deque[tuple[_Live, int]] = collections.deque()
         self._lock = threading.Lock()
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
-        self._loop = Loop(f"embedlink-language-{tp_rank}", tick=self._tick)
+        self._loop = Loop(
+            f"embedlink-language-{tp_rank}", tick=self._tick, busy_poll=busy_poll_us / 1e6
+        )
         self._started = False
         self._closed = False
         self.dropped_messages = 0

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import _torch
+from ._loop import BUSY_POLL_S
 from .embedding import Embedding
 from .protocol import BufferSchema, TransferError
 
@@ -138,6 +139,7 @@ def _endpoint_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
         heartbeat_misses=int(cfg.get("heartbeat_misses", 3)),
         auth_secret=cfg.get("auth_secret"),
         local_control=bool(cfg.get("local_control", True)),
+        busy_poll_us=float(cfg.get("busy_poll_us", BUSY_POLL_S * 1e6)),
     )
 
 

@@ -418,6 +418,9 @@ def test_one_copy_path_buffer_commit_and_zero_copy_receive(boot, transport):
         rx2.clear()
         assert lang.allocator.wait_all_free(5)
         assert enc.allocator.wait_all_free(5)
+        # every write done on a worker thread was reported back: the encoder's
+        # loop may busy-poll again (it does not while copies are in flight)
+        assert enc._writes_out == 0
 
 
 def token_offset(view, pool):
@@ -506,6 +509,7 @@ def test_buffer_errors_and_abort_returns_blocks(boot):
         ({"heartbeat_misses": 0}, "heartbeat_misses"),
         ({"tp_rank": 2, "tp_size": 2}, "tp_rank"),
         ({"transports": ("pigeon",)}, "pigeon"),
+        ({"busy_poll_us": -1}, "busy_poll_us"),
     ],
 )
 def test_bad_endpoint_settings_fail_at_construction_naming_them(kwargs, name):

@@ -91,6 +91,7 @@ def test_sglang_aliases(alias, setting, text, value):
         ({"EMBEDLINK_HOOK": "no colon"}, "hook", "module:function"),
         ({"EMBEDLINK_TP_RANK": "2", "EMBEDLINK_TP_SIZE": "2"}, "tp_rank", "below tp_size"),
         ({"EMBEDLINK_DEFAULT_TOKENS": "999999"}, "default_tokens", "exceeds the pool"),
+        ({"EMBEDLINK_BUSY_POLL_US": "-1"}, "busy_poll_us", "between 0 and 1000000"),
     ],
 )
 def test_bad_environment_names_setting_and_source(env, setting, words):
@@ -145,15 +146,21 @@ def test_endpoint_kwargs_build_real_endpoints():
         "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "7",
     }
     schema = BufferSchema(hidden_size=32)
-    lang = load("language", {}, env={**env, "EMBEDLINK_DEFAULT_TOKENS": "256"})
+    lang = load(
+        "language",
+        {},
+        env={**env, "EMBEDLINK_DEFAULT_TOKENS": "256", "EMBEDLINK_BUSY_POLL_US": "0"},
+    )
     ep = LanguageEndpoint(schema, **lang.endpoint_kwargs())
     try:
         assert (ep.num_blocks, ep.default_tokens, ep.bootstrap_timeout) == (16, 256, 7.0)
+        assert ep._loop.busy_poll == 0.0
     finally:
         ep.close()
     enc = EncoderEndpoint(schema, **load("encoder", {}, env=env).endpoint_kwargs())
     try:
         assert enc.transports == ("tcp",) and enc.bootstrap_timeout == 7.0
+        assert enc._loop.busy_poll == pytest.approx(400e-6)  # the default
     finally:
         enc.close()
 

@@ -172,3 +172,92 @@ def test_an_fd_closed_while_lent_is_dropped_not_given_back(loop):
     assert fd not in loop._fd_handlers and fd not in loop._lent
     b.close()
     os.close(waker)
+
+
+# -- busy polling: look for the next event without sleeping, for a bounded time
+
+
+def loop_cpu_s(lp):
+    """CPU seconds the loop's thread has used so far."""
+    return time.clock_gettime(time.pthread_getcpuclockid(lp._thread.ident))
+
+
+def cpu_after_one_call(lp, over_s):
+    """CPU the loop's thread uses in the ``over_s`` seconds after it handled one call."""
+    idle(lp)
+    before = loop_cpu_s(lp)
+    lp.call(lambda: None)
+    time.sleep(over_s)
+    return loop_cpu_s(lp) - before
+
+
+@pytest.mark.parametrize(
+    ("busy_poll", "may_spin", "spins"),
+    [(0.3, None, True), (0.3, lambda: False, False), (0.0, None, False)],
+    ids=["spins", "may_spin-says-no", "off"],
+)
+def test_busy_poll_keeps_the_loop_looking_for_a_bounded_time_after_activity(
+    busy_poll, may_spin, spins
+):
+    lp = Loop("test-spin", tick=lambda now: None, busy_poll=busy_poll, may_spin=may_spin)
+    lp.start()
+    try:
+        # idle, with only its ticks (every 0.1 s), a loop does not spin
+        idle(lp)
+        before = loop_cpu_s(lp)
+        time.sleep(0.5)
+        assert loop_cpu_s(lp) - before < 0.05
+        used = cpu_after_one_call(lp, 1.0)
+        if spins:
+            # it looked for about 0.3 s after the call (it yields to others, so
+            # on a busy machine it gets less), then slept for the rest
+            assert 0.02 < used < 0.8
+        else:
+            assert used < 0.05
+    finally:
+        lp.stop()
+
+
+def test_a_spinning_loop_lets_other_threads_run_its_work_and_still_serves_events():
+    lp = Loop("test-spin", tick=lambda now: None, busy_poll=1.0)
+    lp.start()
+    a, _b, seen, waker = watched(lp)
+    try:
+        lp.call(lambda: None)  # activity: the loop then spins for a second
+        idle(lp)  # the call ran
+        # it holds no state while it looks, so a caller may run loop work
+        ran = []
+        assert lp.try_run_here(lambda: ran.append(lp.holds_state()))
+        assert ran == [True]
+        a.send(b"one")  # and what arrives meanwhile is served by the loop
+        for _ in range(300):
+            if seen:
+                break
+            time.sleep(0.01)
+        assert seen and seen[0][:2] == (lp._thread.ident, b"one")
+    finally:
+        lp.stop()
+        os.close(waker)
+
+
+def test_serve_here_busy_polls_then_sleeps():
+    lp = Loop("test-spin", tick=lambda now: None, busy_poll=0.2)
+    lp.start()
+    a, b, seen, waker = watched(lp)
+    try:
+        # nothing comes: about 0.2 s of looking, then sleep until the deadline
+        before = time.thread_time()
+        assert lp.serve_here(b.fileno(), lambda: False, time.monotonic() + 1.0, waker) is False
+        assert time.thread_time() - before < 0.8
+        # a message is handled by the serving thread, as without busy polling
+        threading.Timer(0.05, a.send, (b"one",)).start()
+        assert lp.serve_here(b.fileno(), lambda: bool(seen), time.monotonic() + 10, waker)
+        assert seen == [(threading.get_ident(), b"one", True)]
+    finally:
+        lp.stop()
+        os.close(waker)
+
+
+def test_busy_poll_must_not_be_negative():
+    with pytest.raises(ValueError, match="busy_poll"):
+        Loop("test", tick=lambda now: None, busy_poll=-1)
