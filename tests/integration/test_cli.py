@@ -92,6 +92,22 @@ def test_cli_bench_quick_json_and_plot(tmp_path):
     assert png.stat().st_size > 10_000
     # the reference figures, beside the rows' raw limits
     assert "hot in" in p.stderr and "polled as the" in p.stderr.replace("\n", " ")
+    # the endpoints ran with their default busy polling, and the rows say so
+    assert {r["busy_poll_us"] for r in rows} == {400.0}
+    assert "busy-poll 400 us" in p.stderr
+
+
+def test_cli_bench_busy_poll_zero_runs_and_is_recorded_in_the_rows():
+    import json
+
+    p = quick_bench("-t", "shm", "--rooms", "8", "--busy-poll-us", "0")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(p.stdout)
+    assert rows and {r["busy_poll_us"] for r in rows} == {0.0}
+    assert all(r["verified"] for r in rows)
+    assert "sleep between messages" in p.stderr
+    bad = quick_bench("-t", "shm", "--busy-poll-us", "-1")
+    assert bad.returncode == 2 and "--busy-poll-us" in bad.stderr
 
 
 def test_bench_fails_fast_when_a_worker_dies():
