@@ -184,6 +184,10 @@ class Receiver:
         ``TimeoutError`` when ``timeout`` passes first (the room is untouched).
         With ``zero_copy=True`` on the endpoint, an embedding that arrived in
         one chunk is returned as views into the pool, valid until :meth:`clear`.
+        Where the room's encoder is on this host, the calling thread reads the
+        answer itself, looking for it without sleeping for the endpoint's
+        ``busy_poll_us`` after it starts and after each message (yielding the
+        CPU to other runnable threads meanwhile); the rest of the wait sleeps.
         """
         if self._live.cleared:
             raise RuntimeError(f"room {self.room} was cleared: its result is gone")
