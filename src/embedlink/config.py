@@ -275,8 +275,8 @@ SETTINGS: tuple[Setting, ...] = (
         400.0,
         "microseconds the endpoint's threads keep looking for the next control message "
         "after handling one before they sleep (yielding the CPU to other runnable threads "
-        "meanwhile): on hosts whose idle CPUs halt, this halves a small room's latency; "
-        "0 always sleeps (docs/performance.md)",
+        "meanwhile); on the 2-core VM we measure on, whose idle CPUs halt, it took a small "
+        "room's latency from 0.45 to 0.26 ms. 0 always sleeps (docs/performance.md)",
         _ENDPOINTS,
         check=_busy_poll,
     ),
