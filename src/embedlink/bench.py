@@ -746,7 +746,8 @@ def run_bench(
     # CPU, and the same round trip then takes a third of the time.
     apart = worker_cpus(True)
     extras = {"zmq_rtt_ms": zmq_round_trip_ms(cpus=(apart[1], apart[0]))}
-    extras["busy_poll_us"] = BUSY_POLL_S * 1e6 if busy_poll_us is None else busy_poll_us
+    busy_poll = BUSY_POLL_S * 1e6 if busy_poll_us is None else busy_poll_us
+    extras["busy_poll_us"] = busy_poll
     if "shm" in transports:
         # for reference: the same memcpy on one buffer, hot in the cache (what a
         # naive baseline reports; the rows' limit cycles through pool-sized
@@ -775,7 +776,7 @@ def run_bench(
                 transport=transport,
                 device=device,
                 one_copy=one_copy,
-                busy_poll_us=BUSY_POLL_S * 1e6 if busy_poll_us is None else busy_poll_us,
+                busy_poll_us=busy_poll,
             )
             e_cmd, e_rep, l_cmd, l_rep = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Queue()
             enc = ctx.Process(
