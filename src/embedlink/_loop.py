@@ -85,17 +85,13 @@ class Loop:
         self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = (
             queue.SimpleQueue()
         )
-        self._rfd, self._wfd = os.pipe()
-        os.set_blocking(self._rfd, False)
-        os.set_blocking(self._wfd, False)
+        # The wake-up pipe and the epoll set are opened by open() (or
+        # start()), not here: an endpoint constructed and dropped, or closed
+        # without being started, holds no descriptor.
+        self._rfd = self._wfd = -1
         self._poller = zmq.Poller()
-        self._poller.register(self._rfd, zmq.POLLIN)
-        # Plain descriptors wait in an epoll set (itself polled as one fd):
-        # unlike the zmq poller, it may be changed from another thread while
-        # the loop sleeps (serve_here). Without epoll, in the zmq poller.
-        self._epoll = select.epoll() if hasattr(select, "epoll") else None
-        if self._epoll is not None:
-            self._poller.register(self._epoll.fileno(), zmq.POLLIN)
+        self._epoll: select.epoll | None = None
+        self._opened = False
         self._handlers: dict[zmq.Socket[bytes], SocketHandler] = {}
         self._fd_handlers: dict[int, FdHandler] = {}
         self._fd_writable: set[int] = set()
@@ -115,7 +111,33 @@ class Loop:
 
     # -- any thread
 
+    def open(self) -> None:
+        """Open the loop's descriptors (a wake-up pipe, an epoll set), so
+        sockets and descriptors can be added before :meth:`start`. Called by
+        :meth:`start` when not done yet; once only (RuntimeError after
+        :meth:`stop`)."""
+        if self._opened:
+            if self._rfd < 0:
+                raise RuntimeError(f"{self.name}: the loop was stopped; make a new one")
+            return
+        self._opened = True
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        self._poller.register(self._rfd, zmq.POLLIN)
+        # Plain descriptors wait in an epoll set (itself polled as one fd):
+        # unlike the zmq poller, it may be changed from another thread while
+        # the loop sleeps (serve_here). Without epoll, in the zmq poller.
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        if self._epoll is not None:
+            self._poller.register(self._epoll.fileno(), zmq.POLLIN)
+
     def start(self) -> None:
+        """Start the loop thread (opening the loop first if needed). Once:
+        RuntimeError when started before or stopped."""
+        if self._thread is not None:
+            raise RuntimeError(f"{self.name}: the loop is already started")
+        self.open()
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
@@ -254,11 +276,12 @@ class Loop:
         return until()
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._thread is None:
-            return
-        self.call(self._set_stopping)
-        if not self.on_loop_thread():
-            self._thread.join(timeout)
+        """Stop the thread (if started), join it and close the loop's
+        descriptors. Idempotent; safe on a loop never started or opened."""
+        if self._thread is not None:
+            self.call(self._set_stopping)
+            if not self.on_loop_thread():
+                self._thread.join(timeout)
         self._close_pipe()
 
     @property
@@ -278,6 +301,7 @@ class Loop:
     def add_fd(self, fd: int, handler: FdHandler) -> None:
         """Call ``handler()`` whenever ``fd`` is readable (or writable, while
         :meth:`watch_writable` says so). Holding the state, or before :meth:`start`."""
+        self.open()
         self._fd_handlers[fd] = handler
         self._lent.pop(fd, None)  # a number reused after a lent fd was closed
         if self._epoll is not None:
@@ -335,7 +359,10 @@ class Loop:
         self._stopping = True
 
     def _close_pipe(self) -> None:
+        self._stopping = True
         for fd in (self._rfd, self._wfd):
+            if fd < 0:
+                continue
             try:
                 os.close(fd)
             except OSError:

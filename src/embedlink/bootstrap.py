@@ -101,8 +101,10 @@ class BootstrapServer:
     """HTTP registry of encoder ranks, run on its own thread and event loop.
 
     ``BootstrapServer(host="127.0.0.1", port=0).start()`` binds (port 0 picks a
-    free port); :attr:`address` is ``"host:port"``. ``close()`` stops it; both
-    are idempotent and it is a context manager.
+    free port); :attr:`address` is ``"host:port"``. The constructor opens
+    nothing; :meth:`start` runs once (RuntimeError when called again or after
+    :meth:`close`); :meth:`close` is idempotent, fine without :meth:`start`,
+    and joins the server's thread. It is a context manager.
     """
 
     def __init__(
@@ -139,8 +141,10 @@ class BootstrapServer:
         return f"{self.host}:{self.port}"
 
     def start(self) -> BootstrapServer:
+        if self._stopped:
+            raise RuntimeError("the bootstrap server is closed; create a new one")
         if self._thread is not None:
-            return self
+            raise RuntimeError("the bootstrap server is already started")
         self._thread = threading.Thread(target=self._run, name="embedlink-bootstrap", daemon=True)
         self._thread.start()
         self._ready.wait(30)
@@ -151,23 +155,28 @@ class BootstrapServer:
         return self
 
     def close(self) -> None:
-        loop = self._loop
-        if loop is None or self._stopped:
+        if self._stopped:
             return
         self._stopped = True
-        loop.call_soon_threadsafe(loop.stop)
+        loop = self._loop
+        if loop is not None and self._error is None:
+            try:
+                loop.call_soon_threadsafe(loop.stop)
+            except RuntimeError:
+                pass  # its loop has ended already
         if self._thread is not None:
             self._thread.join(10)
 
     def __enter__(self) -> BootstrapServer:
-        return self.start()
+        return self if self._thread is not None and not self._stopped else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def serve_forever(self) -> None:
         """Start (if needed) and block until :meth:`close` or KeyboardInterrupt."""
-        self.start()
+        if self._thread is None:
+            self.start()
         assert self._thread is not None
         try:
             while self._thread.is_alive():

@@ -29,6 +29,7 @@ import zmq
 from . import _lane
 from ._host import host_id
 from ._loop import BUSY_POLL_S, CLOSE_LINGER_MS, Loop, check_endpoint_knobs
+from ._noise import NoiseLog
 from .auth import Authenticator
 from .bootstrap import BootstrapClient, RouteInfo
 from .embedding import Embedding, to_pool_arrays
@@ -200,7 +201,7 @@ class Sender:
         if blocks is None:
             kind = "adjacent " if contiguous else ""
             reason = f"no {kind}free encoder blocks for {n} tokens within {wait:g}s"
-            ep._loop.call(ep._abort_room, self._room, reason)
+            ep._abort_now(self._room, reason)
             raise TransferError(self.room, reason)
         return blocks
 
@@ -221,7 +222,7 @@ class Sender:
         ep._loop.call(ep._data_ready, self._room, n, blocks)
 
     def poll(self) -> Status:
-        """The room's status now; never blocks."""
+        """The room's status now. Never blocks; safe from any thread."""
         return self._room.status
 
     @property
@@ -240,28 +241,35 @@ class Sender:
         return self._room.status
 
     def abort(self, reason: str = "aborted by sender") -> None:
-        """Give up on the room; destinations are told. No-op once terminal.
-        Blocks handed out by :meth:`buffer` and never committed go back."""
+        """Give up on the room. When this returns, :meth:`poll` is ``Failed``
+        and :attr:`failure_reason` is ``reason`` (and :meth:`wait` returns);
+        destinations are told afterwards, off this thread, and the pool's
+        blocks come back once no write of the room is in flight. Blocks
+        handed out by :meth:`buffer` and never committed go back at once.
+        No-op once the room has ended. Never blocks."""
         if self._buffer is not None:
             self._ep.allocator.free(self._buffer[1])
             self._buffer = None
-        self._ep._loop.call(self._ep._abort_room, self._room, reason)
+        self._ep._abort_now(self._room, reason)
 
     def clear(self) -> None:
-        """Forget the room (call after it ended); an unfinished room is aborted first."""
+        """Forget the room (call after it ended); an unfinished room is
+        aborted first (as :meth:`abort`). Never blocks."""
         ep, room = self._ep, self._room
-        if room.done:
-            # Only bookkeeping is left (blocks come back when the last write
-            # ends): forget the id now, so it can be reused at once, and leave
-            # the rest to the loop's next wake-up.
-            with ep._lock:
-                if ep._rooms.get(self.room) is room:
-                    del ep._rooms[self.room]
-                    ep._events.pop(room, None)
-                    ep._created.pop(room, None)
-            ep._loop.call_lazy(ep._clear_room, room)
-        else:
-            ep._loop.call(ep._clear_room, room)
+        if self._buffer is not None:
+            ep.allocator.free(self._buffer[1])
+            self._buffer = None
+        ep._abort_now(room, "cleared before it finished")
+        # The room has ended; only bookkeeping is left (blocks come back when
+        # the last write ends): forget the id now, so it can be reused at
+        # once, and leave the rest to the loop's next wake-up (after the
+        # abort's own work, queued before it).
+        with ep._lock:
+            if ep._rooms.get(self.room) is room:
+                del ep._rooms[self.room]
+                ep._events.pop(room, None)
+                ep._created.pop(room, None)
+        ep._loop.call_lazy(ep._clear_room, room)
 
 
 class EncoderEndpoint:
@@ -357,6 +365,13 @@ class EncoderEndpoint:
         self._early: dict[RoomId, list[tuple[float, bytes, Message]]] = {}
         self._peers: dict[SessionId, _Peer] = {}
         self._lock = threading.Lock()
+        # Held while a room's state machine takes one event (_step): the loop
+        # and a user's thread in abort() may step the same room at once.
+        self._step_lock = threading.Lock()
+        # dropped input: hostile or broken (WARNING), or merely late (DEBUG),
+        # each counted exactly and logged at most once per peer per interval
+        self._noise = NoiseLog(log, "encoder")
+        self._stale = NoiseLog(log, "encoder", level=logging.DEBUG)
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._sock: zmq.Socket[bytes] | None = None
         self._listener: socket.socket | None = None  # same-host control lanes
@@ -387,8 +402,27 @@ class EncoderEndpoint:
         return f"{self.advertise_host}:{self.port}"
 
     def start(self) -> EncoderEndpoint:
+        """Bind the control plane, start the loop thread (and, with
+        ``metrics_port``, the metrics exporter) and register with the
+        bootstrap server. Once: RuntimeError when called again or after
+        :meth:`close`. The registration is the one network call made on the
+        caller's thread (bounded by the client's timeout): a bootstrap server
+        that cannot be reached is an error at start-up, with everything
+        started closed again."""
+        if self._closed:
+            raise RuntimeError("the endpoint is closed; create a new one")
         if self._started:
-            return self
+            raise RuntimeError("the endpoint is already started")
+        self._started = True
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start(self) -> None:
+        self._loop.open()
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -405,11 +439,10 @@ class EncoderEndpoint:
             if self._listener is not None:
                 self._loop.add_fd(self._listener.fileno(), self._on_lane_accept)
         self._loop.start()
-        self._started = True
         if self.metrics_port is not None:
             self._exporter = MetricsExporter(
                 self.metrics.registry, self.host, self.metrics_port, status=self.status
-            )
+            ).start()
         if self.bootstrap:
             BootstrapClient(self.bootstrap, auth_secret=self._auth.key).register(
                 RouteInfo(
@@ -424,14 +457,15 @@ class EncoderEndpoint:
                 )
             )
         log.info("encoder rank %d listening on %s", self.tp_rank, self.address)
-        return self
 
     def close(self) -> None:
-        """Stop threads, close sockets and peer writers. Idempotent."""
+        """End the open rooms (destinations are told), stop the threads and
+        close sockets and peer writers: afterwards no thread of this endpoint
+        is alive. Idempotent; fine without :meth:`start`."""
         if self._closed:
             return
         self._closed = True
-        if self._started:
+        if self._loop.alive:
             # Rooms still open end now, with a reason, and their destinations
             # are told: threads in Sender.wait() return, language ranks fail
             # those rooms at once instead of noticing a dead peer later.
@@ -439,7 +473,7 @@ class EncoderEndpoint:
                 self._loop.call_wait(self._end_rooms, "encoder endpoint closed")
             except TimeoutError:
                 log.warning("encoder: the loop did not end the open rooms before closing")
-            self._loop.stop()
+        self._loop.stop()
         self._workers.shutdown(wait=True, cancel_futures=True)
         for p in self._peers.values():
             if p.executor is not None:
@@ -459,7 +493,7 @@ class EncoderEndpoint:
         self.allocator.wake()
 
     def __enter__(self) -> EncoderEndpoint:
-        return self.start()
+        return self if self._started and not self._closed else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -557,20 +591,36 @@ class EncoderEndpoint:
             self._dispatch(identity, msg)
 
     def _data_ready(self, room: SenderRoom, n: int, blocks: list[int]) -> None:
-        self._run(room, room.data_ready(n, blocks, time.monotonic()))
+        self._run(room, self._step(room.data_ready, n, blocks, time.monotonic()))
+
+    def _step(self, event: Callable[..., list[Action]], *args: Any) -> list[Action]:
+        """Feed one event to a room's state machine (``event`` is one of its
+        methods) and return the actions, under the step lock: the loop and a
+        user's thread in :meth:`Sender.abort` may step the same room at once.
+        The actions are carried out afterwards, outside the lock."""
+        with self._step_lock:
+            return event(*args)
+
+    def _abort_now(self, room: SenderRoom, reason: str) -> None:
+        """:meth:`Sender.abort` on the caller's thread: the room is ``Failed``
+        when this returns; the loop tells the destinations and frees blocks."""
+        acts = self._step(room.abort, time.monotonic(), reason)
+        if not acts:
+            return  # it had ended already
+        ev = self._events.get(room)
+        if ev is not None:
+            ev.set()  # Sender.wait() returns at once
+        self._loop.call(self._run, room, acts)
 
     def _end_rooms(self, reason: str) -> None:
         now = time.monotonic()
         for room in list(self._rooms.values()):
             if not room.done:
-                self._run(room, room.abort(now, reason))
-
-    def _abort_room(self, room: SenderRoom, reason: str) -> None:
-        self._run(room, room.abort(time.monotonic(), reason))
+                self._run(room, self._step(room.abort, now, reason))
 
     def _clear_room(self, room: SenderRoom) -> None:
         if not room.done:
-            self._run(room, room.abort(time.monotonic(), "cleared before it finished"))
+            self._run(room, self._step(room.abort, time.monotonic(), "cleared before it finished"))
         self._ended.pop(room, None)
         with self._lock:
             if self._rooms.get(room.room) is room:
@@ -588,6 +638,9 @@ class EncoderEndpoint:
                 return
             if len(frames) != 2:
                 self.stats.dropped_messages += 1
+                self.metrics.dropped.labels("encoder").inc()
+                peer = frames[0].hex() if frames else "?"
+                self._noise.note(f"zmq peer {peer}", "malformed", f"{len(frames)} frames, not 2")
                 continue
             self._on_payload(*frames)
 
@@ -597,15 +650,24 @@ class EncoderEndpoint:
         if opened is None:
             self.stats.unauthenticated_messages += 1
             self.metrics.unauthenticated.labels("encoder").inc()
+            self._noise.note(
+                self._peer_name(identity), "unauthenticated", "missing or wrong authentication tag"
+            )
             return
         try:
             msg = decode(opened)
         except RemoteProtocolError as exc:
             self.stats.dropped_messages += 1
             self.metrics.dropped.labels("encoder").inc()
-            log.warning("encoder: dropped a bad control message: %s", exc)
+            self._noise.note(self._peer_name(identity), "malformed", str(exc))
             return
         self._dispatch(identity, msg)
+
+    def _peer_name(self, identity: bytes) -> str:
+        """How the logs name the peer behind ``identity``."""
+        if identity in self._lanes:
+            return f"same-host {identity.decode(errors='replace')}"
+        return f"zmq peer {identity.hex()}"
 
     def _on_lane_accept(self) -> None:
         assert self._listener is not None
@@ -649,6 +711,10 @@ class EncoderEndpoint:
             return
         if isinstance(msg, StatusUpdate):
             self.stats.dropped_messages += 1
+            self.metrics.dropped.labels("encoder").inc()
+            self._noise.note(
+                self._peer_name(identity), "unexpected", "StatusUpdate is not for an encoder"
+            )
             return
         peer = self._peers.get(msg.session)
         if peer is None or peer.refused is not None:
@@ -678,11 +744,12 @@ class EncoderEndpoint:
                 )
             return
         if isinstance(msg, TransferRequest):
-            acts = room.request(msg, now, dst_num_blocks=peer.register.num_blocks)
+            request = functools.partial(room.request, dst_num_blocks=peer.register.num_blocks)
+            acts = self._step(request, msg, now)
         elif isinstance(msg, Resume):
-            acts = room.resume(msg, now)
+            acts = self._step(room.resume, msg, now)
         else:
-            acts = room.peer_abort(msg, now)
+            acts = self._step(room.peer_abort, msg, now)
         self._run(room, acts)
 
     def _announce(self, room: RoomId) -> None:
@@ -802,7 +869,7 @@ class EncoderEndpoint:
             elif isinstance(a, Drop):
                 self.stats.ignored_inputs += 1
                 self.metrics.ignored.labels("encoder").inc()
-                log.debug("encoder: %s", a.reason)
+                self._stale.note("its language ranks", "stale", a.reason)
         for a in changes:
             if a.new is Status.Transferring:
                 self.metrics.resumes.labels("encoder").inc()
@@ -837,18 +904,16 @@ class EncoderEndpoint:
             except Exception as exc:  # a bug in a backend must still end the room
                 ok, reason = False, f"{type(exc).__name__}: {exc}"
         seconds = time.perf_counter() - t0
-        # report first (a room's status reply waits on it), count afterwards
+        # report first (a room's status reply waits on it), count afterwards;
+        # the stats are counted on the loop (one writer), the metrics are
+        # thread-safe
         if inline:
-            self._write_done(room, w.dst, ok, reason)
+            self._write_done(room, w.dst, ok, reason, w.plan.nbytes)
         else:
-            self._loop.call(self._write_returned, room, w.dst, ok, reason)
+            self._loop.call(self._write_returned, room, w.dst, ok, reason, w.plan.nbytes)
         if ok:
-            self.stats.bytes_written += w.plan.nbytes
-            self.stats.chunks_written += 1
             transport = peer.transport if peer is not None and peer.transport else "?"
             self.metrics.moved(transport, "sent", w.plan.nbytes, seconds)
-        else:
-            self.stats.write_failures += 1
 
     def _check_liveness(self, now: float) -> None:
         """Declare sessions dead that sent nothing (heartbeats included) for
@@ -883,26 +948,35 @@ class EncoderEndpoint:
         peer.close_writer()
         for room in list(self._rooms.values()):
             if peer.session in room.dsts:
-                self._run(room, room.peer_dead(peer.session, now, reason))
+                self._run(room, self._step(room.peer_dead, peer.session, now, reason))
         for room in list(self._orphans):
             if peer.session in room.dsts:
-                self._run(room, room.peer_dead(peer.session, now, reason))
+                self._run(room, self._step(room.peer_dead, peer.session, now, reason))
 
     def _write_returned(
-        self, room: SenderRoom, dst: SessionId, ok: bool, reason: str | None
+        self, room: SenderRoom, dst: SessionId, ok: bool, reason: str | None, nbytes: int
     ) -> None:
         """A write done on a worker thread, reported on the loop."""
         self._writes_out -= 1
-        self._write_done(room, dst, ok, reason)
+        self._write_done(room, dst, ok, reason, nbytes)
 
-    def _write_done(self, room: SenderRoom, dst: SessionId, ok: bool, reason: str | None) -> None:
-        self._run(room, room.write_done(dst, ok, time.monotonic(), reason))
+    def _write_done(
+        self, room: SenderRoom, dst: SessionId, ok: bool, reason: str | None, nbytes: int
+    ) -> None:
+        self._run(room, self._step(room.write_done, dst, ok, time.monotonic(), reason))
+        if ok:
+            self.stats.bytes_written += nbytes
+            self.stats.chunks_written += 1
+        else:
+            self.stats.write_failures += 1
 
     def _tick(self, now: float) -> None:
         for room in list(self._rooms.values()):
             if not room.done:
-                self._run(room, room.tick(now))
+                self._run(room, self._step(room.tick, now))
         self._check_liveness(now)
+        self._noise.flush(now)
+        self._stale.flush(now)
         # Rooms that ended and were never cleared: forget them after room_ttl.
         stale = []
         for room, ended in self._ended.items():

@@ -24,7 +24,7 @@ import collections
 import functools
 import logging
 import os
-import random
+import secrets
 import threading
 import time
 import uuid
@@ -38,8 +38,9 @@ import zmq
 from . import _lane
 from ._host import host_id
 from ._loop import BUSY_POLL_S, CLOSE_LINGER_MS, Loop, check_endpoint_knobs
+from ._noise import NoiseLog
+from ._resolver import Resolver, check_bootstrap_address, route_for
 from .auth import Authenticator
-from .bootstrap import BootstrapClient
 from .embedding import Embedding, from_pool_arrays
 from .memory import BlockAllocator, BufferPool, pool_status
 from .metrics import EndpointMetrics, MetricsExporter, rooms_by_status
@@ -73,24 +74,6 @@ from .transports import TransportServer, get_backend
 log = logging.getLogger(__name__)
 
 __all__ = ["LanguageEndpoint", "Receiver", "route_for"]
-
-
-def route_for(
-    lang_tp_rank: int, lang_tp_size: int, lang_dp_size: int, enc_tp_size: int
-) -> tuple[int, int]:
-    """``(encoder_rank, required_dst_info_num)`` for a language rank (SGLang's mapping).
-
-    With ``L = lang_tp_size // lang_dp_size`` language ranks per dp group and
-    ``E`` encoder ranks: when ``L > E`` each encoder rank serves ``L // E``
-    language ranks, all of which must receive every room; otherwise language
-    rank ``r`` receives from encoder rank ``r`` alone.
-    """
-    per_group = max(1, lang_tp_size // lang_dp_size)
-    r = lang_tp_rank % per_group
-    if per_group > enc_tp_size:
-        ratio = per_group // enc_tp_size
-        return r // ratio, ratio
-    return r % enc_tp_size, 1
 
 
 @dataclass
@@ -150,6 +133,9 @@ class _Live:
     #: way. Set and cleared holding the loop's state.
     waker: int | None = None
     waker_thread: int | None = None  # the thread polling ``waker``
+    #: ``(bootstrap, dp_group)`` while the room waits for its encoder's
+    #: address (the resolver looks it up off the caller's thread)
+    route: tuple[str, int | None] | None = None
 
 
 class Receiver:
@@ -161,7 +147,7 @@ class Receiver:
         self.room: RoomId = live.room.room
 
     def poll(self) -> Status:
-        """The room's status now; never blocks."""
+        """The room's status now. Never blocks; safe from any thread."""
         return self._live.room.status
 
     @property
@@ -210,14 +196,20 @@ class Receiver:
         return self._live.aux
 
     def abort(self, reason: str = "aborted by receiver") -> None:
-        """Give up on the room; the encoder is told. No-op once terminal."""
-        self._ep._loop.call(self._ep._abort_room, self._live, reason)
+        """Give up on the room. When this returns, :meth:`poll` is ``Failed``
+        and :attr:`failure_reason` is ``reason`` (and :meth:`wait` raises);
+        the encoder is told afterwards, off this thread. Blocks the encoder
+        may still write into stay reserved until it acknowledges (or is
+        declared dead). No-op once the room has ended. Never blocks."""
+        self._ep._abort_now(self._live, reason)
 
     def clear(self) -> None:
-        """Forget the room; an unfinished room is aborted first. Blocks the encoder
-        may still write into stay reserved until it acknowledges."""
+        """Forget the room; an unfinished room is aborted first (as
+        :meth:`abort`). Blocks the encoder may still write into stay reserved
+        until it acknowledges. Never blocks."""
         live, ep = self._live, self._ep
         live.cleared = True
+        ep._abort_now(live, "cleared before it finished")
         if live.room.done and live.pinned is None and not live.room.holds_blocks:
             # Nothing to free or tell the encoder: forget the id now (so it can
             # be reused at once), let go of the result (the loop writes it no
@@ -342,18 +334,32 @@ class LanguageEndpoint:
         self._servers: list[TransportServer] = []
         self._encoders: dict[str, _Encoder] = {}
         self._by_sock: dict[zmq.Socket[bytes], _Encoder] = {}
-        self._sizes: dict[str, tuple[int, int]] = {}  # bootstrap -> encoder (tp, dp)
-        self._routes: dict[tuple[str, int, int], tuple[str, int]] = {}
+        # encoder addresses are looked up off the callers' threads
+        self._resolver = Resolver(
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            dp_size=dp_size,
+            on_change=self._routes_changed,
+            name=f"embedlink-resolver-{tp_rank}",
+        )
+        self._unrouted: dict[int, _Live] = {}  # rooms waiting for a route, by id(live)
         self._rooms: dict[RoomId, _Live] = {}
         self._zombies: dict[tuple[RoomId, int], _Live] = {}
         # rooms waiting for blocks: resumes first, then first reservations
         self._resumes: collections.deque[tuple[_Live, int]] = collections.deque()
         self._firsts: collections.deque[tuple[_Live, int]] = collections.deque()
         self._lock = threading.Lock()
+        # Held while a room's state machine takes one event (_step): the loop
+        # and a user's thread in abort() may step the same room at once.
+        self._step_lock = threading.Lock()
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._loop = Loop(
             f"embedlink-language-{tp_rank}", tick=self._tick, busy_poll=busy_poll_us / 1e6
         )
+        # dropped input: hostile or broken (WARNING), or merely late (DEBUG),
+        # each counted exactly and logged at most once per peer per interval
+        self._noise = NoiseLog(log, "language")
+        self._stale = NoiseLog(log, "language", level=logging.DEBUG)
         self._started = False
         self._closed = False
         self.dropped_messages = 0
@@ -362,33 +368,49 @@ class LanguageEndpoint:
     # -- lifecycle
 
     def start(self) -> LanguageEndpoint:
+        """Start the transport servers, the loop thread, the resolver and (with
+        ``metrics_port``) the metrics exporter. Once: RuntimeError when called
+        again or after :meth:`close`. What was started is closed again when a
+        part fails to start."""
+        if self._closed:
+            raise RuntimeError("the endpoint is closed; create a new one")
         if self._started:
-            return self
-        for b in self._backends:
-            server = b.server(self.pool, host=self.host, options=self.transport_options.get(b.name))
-            self._servers.append(server.start())
-        self._ctx = zmq.Context()
-        self._loop.start()
+            raise RuntimeError("the endpoint is already started")
         self._started = True
-        if self.metrics_port is not None:
-            self._exporter = MetricsExporter(
-                self.metrics.registry, self.host, self.metrics_port, status=self.status
-            )
+        try:
+            for b in self._backends:
+                server = b.server(
+                    self.pool, host=self.host, options=self.transport_options.get(b.name)
+                )
+                self._servers.append(server.start())
+            self._ctx = zmq.Context()
+            self._loop.start()
+            self._resolver.start()
+            if self.metrics_port is not None:
+                self._exporter = MetricsExporter(
+                    self.metrics.registry, self.host, self.metrics_port, status=self.status
+                ).start()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def close(self) -> None:
-        """Stop threads, close sockets, transport servers and the pool. Idempotent."""
+        """End the open rooms (their encoders are told), stop the threads and
+        close sockets, transport servers and the pool: afterwards no thread of
+        this endpoint is alive. Idempotent; fine without :meth:`start`."""
         if self._closed:
             return
         self._closed = True
-        if self._started:
+        if self._loop.alive:
             # Rooms still open end now, with a reason, and their encoders are
             # told: threads waiting on them return instead of at their timeouts.
             try:
                 self._loop.call_wait(self._end_rooms, "language endpoint closed")
             except TimeoutError:
                 log.warning("language: the loop did not end the open rooms before closing")
-            self._loop.stop()
+        self._loop.stop()
+        self._resolver.close()
         for e in self._encoders.values():
             e.close(CLOSE_LINGER_MS)  # the aborts just sent, to live peers
         if self._ctx is not None:
@@ -401,7 +423,7 @@ class LanguageEndpoint:
             self._shared.close()
 
     def __enter__(self) -> LanguageEndpoint:
-        return self.start()
+        return self if self._started and not self._closed else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -421,10 +443,16 @@ class LanguageEndpoint:
 
         The encoder rank is found through the ``bootstrap`` server (or given
         directly as ``encoder="host:port"``). ``tokens`` overrides the first
-        reservation's size. Never blocks on the transfer; the room queues
-        (``Bootstrapping``) while the pool is full. Raises ValueError for a room
-        id that is still live here or a reservation larger than the pool,
-        BootstrapError when the encoder cannot be found.
+        reservation's size. Never blocks, on the network or on the pool: the
+        encoder's address comes from a cache, and when it is not cached yet
+        (or was dropped because that encoder was declared dead) the room
+        stays ``Bootstrapping`` while it is looked up on another thread; it
+        also queues there while the pool is full. A room whose encoder cannot
+        be found ends ``Failed``, with a reason naming the bootstrap server
+        and what it answered, when ``bootstrap_timeout`` (else
+        ``room_timeout``) passes. Raises ValueError for a malformed bootstrap
+        address, a room id that is still live here or a reservation larger
+        than the pool; RuntimeError unless the endpoint is running.
         """
         first = self.default_tokens if tokens is None else tokens
         if not 0 < first <= self.num_blocks * self.block_size:
@@ -435,14 +463,22 @@ class LanguageEndpoint:
         if not self._started or self._closed:
             raise RuntimeError("the endpoint is not running (start() it first)")
         required = 1
+        route: tuple[str, int | None] | None = None
         if encoder is None:
             if bootstrap is None:
                 raise ValueError("give bootstrap= (or encoder=)")
-            encoder, required = self._route(bootstrap, room, dp_group)
+            check_bootstrap_address(bootstrap)
+            found = self._resolver.get(bootstrap, room, dp_group)
+            if found is None:
+                route = (bootstrap, dp_group)
+            else:
+                encoder, required = found
         r = ReceiverRoom(
             room,
             session=self.session,
-            epoch=random.getrandbits(62) + 1,
+            # private randomness: a host program that seeds `random` must not
+            # make epochs repeat (stale data would then pass for current)
+            epoch=secrets.randbits(62) + 1,
             block_size=self.block_size,
             now=time.monotonic(),
             timeout=self.room_timeout,
@@ -450,17 +486,19 @@ class LanguageEndpoint:
             default_tokens=first,
             required_dst_info_num=required,
         )
-        live = _Live(r, None)
+        live = _Live(r, None, route=route)
         with self._lock:
             if room in self._rooms:
                 raise ValueError(
                     f"room {room} is still live on this language rank; clear() it first"
                 )
             self._rooms[room] = live
-            enc = self._encoders.get(encoder)
+            enc = None if encoder is None else self._encoders.get(encoder)
             if enc is not None and enc.lane is not None and not enc.lane.closed:
                 live.starting = True
-        if not (live.starting and self._start_here(live, enc)):
+        if encoder is None:
+            self._loop.call(self._await_route, live)
+        elif not (live.starting and self._start_here(live, enc)):
             self._loop.call(self._start_room, live, encoder)
         return Receiver(self, live)
 
@@ -473,7 +511,11 @@ class LanguageEndpoint:
         the room meanwhile (``_Live.starting``) and does it afterwards."""
         assert enc is not None
         now = time.monotonic()
-        (reserve,) = live.room.start(now)
+        acts = self._step(live.room.start, now)
+        if not acts:  # aborted meanwhile by another thread: nothing to start
+            self._end_start(live)
+            return True
+        (reserve,) = acts
         assert isinstance(reserve, Reserve)
         blocks = self._take_blocks(live, reserve.tokens, first_in_line=True)
         if blocks is None:
@@ -483,7 +525,7 @@ class LanguageEndpoint:
         tokens = min(reserve.tokens, len(blocks) * self.block_size)
         later: list[Action] = []
         sent = True
-        for a in live.room.reserved(blocks, tokens, now):
+        for a in self._step(live.room.reserved, blocks, tokens, now):
             if isinstance(a, Send):
                 sent = self._send(enc, a.msg) and sent
             elif not (isinstance(a, StatusChanged) and not a.new.is_terminal):
@@ -506,9 +548,34 @@ class LanguageEndpoint:
             self._loop.call(fn)
 
     def _lost_before_start(self, live: _Live, enc: _Encoder) -> None:
-        if not live.room.done:
-            reason = f"control connection to encoder {enc.address} closed"
-            self._run(live, live.room.peer_dead(time.monotonic(), reason))
+        reason = f"control connection to encoder {enc.address} closed"
+        self._run(live, self._step(live.room.peer_dead, time.monotonic(), reason))
+
+    def _step(self, event: Callable[..., list[Action]], *args: Any) -> list[Action]:
+        """Feed one event to a room's state machine (``event`` is one of its
+        methods) and return the actions. Under the step lock: the loop and a
+        user's thread in :meth:`Receiver.abort` may step the same room at once.
+        The actions are carried out afterwards, outside the lock."""
+        with self._step_lock:
+            return event(*args)
+
+    def _abort_now(self, live: _Live, reason: str) -> None:
+        """:meth:`Receiver.abort` on the caller's thread: the room is
+        ``Failed`` when this returns; telling the encoder and releasing
+        blocks follow on the loop (or here, if it is asleep)."""
+        acts = self._step(live.room.abort, time.monotonic(), reason)
+        if not acts:
+            return  # it had ended already
+        live.done.set()  # wait() returns at once, before the loop has run
+        if not self._loop.try_run_here(self._after_abort, live, acts):
+            self._loop.call(self._after_abort, live, acts)
+
+    def _after_abort(self, live: _Live, actions: list[Action]) -> None:
+        if self._defer(live, functools.partial(self._after_abort, live, actions)):
+            return
+        self._unrouted.pop(id(live), None)
+        self._dequeue(live)
+        self._run(live, actions)
 
     def _defer(self, live: _Live, fn: Callable[[], None]) -> bool:
         """Queue ``fn`` for after a room's fast start; False when it is not
@@ -558,6 +625,8 @@ class LanguageEndpoint:
                 }
                 for address, e in self._encoders.items()
             ],
+            "routes": self._resolver.cached_routes(),
+            "rooms_waiting_for_route": len(self._unrouted),
             "counters": {
                 "dropped_messages": self.dropped_messages,
                 "ignored_inputs": self.ignored_inputs,
@@ -574,22 +643,6 @@ class LanguageEndpoint:
 
     def room_count(self) -> int:
         return len(self._rooms)
-
-    # -- routing
-
-    def _route(self, bootstrap: str, room: RoomId, dp_group: int | None) -> tuple[str, int]:
-        if bootstrap not in self._sizes:
-            client = BootstrapClient(bootstrap, auth_secret=self._auth.key)
-            self._sizes[bootstrap] = client.sizes()
-        enc_tp, enc_dp = self._sizes[bootstrap]
-        enc_rank, required = route_for(self.tp_rank, self.tp_size, self.dp_size, enc_tp)
-        group = room % enc_dp if dp_group is None else dp_group
-        key = (bootstrap, enc_rank, group)
-        if key not in self._routes:
-            client = BootstrapClient(bootstrap, auth_secret=self._auth.key)
-            self._routes[key] = client.lookup(enc_rank, group)
-        ip, port = self._routes[key]
-        return f"{ip}:{port}", required
 
     # -- loop thread
 
@@ -631,14 +684,21 @@ class LanguageEndpoint:
             return True
         ok = enc.send(self._auth.seal(encode(msg)))
         if not ok:
-            self.dropped_messages += 1
-            log.info("language: could not send %s to %s", type(msg).__name__, enc.address)
+            # counters have one writer: whoever runs the loop's work
+            if self._loop.holds_state() or self._loop.on_loop_thread():
+                self._unsent(type(msg).__name__, enc.address)
+            else:
+                self._loop.call_lazy(self._unsent, type(msg).__name__, enc.address)
         if enc.lane is not None and enc.lane.wants_write:
             if self._loop.holds_state():
                 self._loop.watch_writable(enc.lane.fileno(), True)
             else:
                 self._loop.call(self._watch_lane, enc)
         return ok
+
+    def _unsent(self, kind: str, address: str) -> None:
+        self.dropped_messages += 1
+        log.info("language: could not send %s to %s", kind, address)
 
     def _serve_until_done(self, live: _Live, timeout: float | None) -> None:
         """Wait for ``live`` to end by serving its encoder's lane on this thread
@@ -693,9 +753,55 @@ class LanguageEndpoint:
             transports=[s.offer() for s in self._servers],
         )
 
-    def _start_room(self, live: _Live, address: str) -> None:
+    def _start_room(self, live: _Live, address: str, required: int | None = None) -> None:
+        if live.room.done:
+            return  # aborted before it started
         live.encoder = self._encoder(address)
-        self._run(live, live.room.start(time.monotonic()))
+        self._run(live, self._step(live.room.start, time.monotonic(), required))
+
+    def _await_route(self, live: _Live) -> None:
+        """A room whose encoder address was not cached: start it as soon as
+        the resolver has it (:meth:`_routes_changed`, or a later tick)."""
+        if live.route is None or live.room.done:
+            return
+        self._unrouted[id(live)] = live
+        self._try_route(live)
+
+    def _try_route(self, live: _Live) -> bool:
+        assert live.route is not None
+        bootstrap, dp_group = live.route
+        found = self._resolver.get(bootstrap, live.room.room, dp_group)
+        if found is None:
+            return False
+        del self._unrouted[id(live)]
+        live.route = None
+        self._start_room(live, *found)
+        return True
+
+    def _routes_changed(self, bootstrap: str) -> None:
+        # the resolver's thread: hand it to the loop
+        self._loop.call(self._route_rooms, bootstrap)
+
+    def _route_rooms(self, bootstrap: str | None, now: float | None = None) -> None:
+        """Start the rooms waiting for a route from ``bootstrap`` (None: any)
+        that the resolver now knows; with ``now``, fail those whose deadline
+        has passed, naming the bootstrap server and its last answer."""
+        for live in list(self._unrouted.values()):
+            if live.room.done or live.route is None:
+                self._unrouted.pop(id(live), None)
+                continue
+            boot = live.route[0]
+            if bootstrap is not None and boot != bootstrap:
+                continue
+            if self._try_route(live) or now is None or now < live.room.deadline:
+                continue
+            del self._unrouted[id(live)]
+            why = self._resolver.last_error(boot) or "no answer yet"
+            self._abort_room(
+                live,
+                f"no route to the encoder of room {live.room.room} from bootstrap server "
+                f"{boot} within {self.bootstrap_timeout or self.room_timeout:g}s: {why}",
+            )
 
     def _end_rooms(self, reason: str) -> None:
         for live in list(self._rooms.values()):
@@ -706,7 +812,7 @@ class LanguageEndpoint:
 
     def _abort_room(self, live: _Live, reason: str) -> None:
         self._dequeue(live)
-        self._run(live, live.room.abort(time.monotonic(), reason))
+        self._run(live, self._step(live.room.abort, time.monotonic(), reason))
 
     def _clear_room(self, live: _Live) -> None:
         if not live.room.done:
@@ -754,13 +860,16 @@ class LanguageEndpoint:
         if opened is None:
             self.unauthenticated_messages += 1
             self.metrics.unauthenticated.labels("language").inc()
+            self._noise.note(
+                f"encoder {enc.address}", "unauthenticated", "missing or wrong authentication tag"
+            )
             return
         try:
             msg = decode(opened)
         except RemoteProtocolError as exc:
             self.dropped_messages += 1
             self.metrics.dropped.labels("language").inc()
-            log.warning("language: dropped a bad control message: %s", exc)
+            self._noise.note(f"encoder {enc.address}", "malformed", str(exc))
             return
         now = time.monotonic()
         enc.last_seen = now
@@ -774,20 +883,25 @@ class LanguageEndpoint:
             return
         if not isinstance(msg, StatusUpdate | Abort):
             self.dropped_messages += 1
+            self.metrics.dropped.labels("language").inc()
+            self._noise.note(
+                f"encoder {enc.address}", "unexpected", f"{type(msg).__name__} is not for a language rank"
+            )
             return
         live = self._zombies.get((msg.room, msg.epoch))
         if live is None:
             live = self._rooms.get(msg.room)
         if live is None:
             self.ignored_inputs += 1
-            log.debug("language: message for unknown room %d", msg.room)
+            self.metrics.ignored.labels("language").inc()
+            self._stale.note(f"encoder {enc.address}", "stale", f"unknown room {msg.room}")
             return
         if self._defer(live, functools.partial(self._on_payload, enc, payload)):
             return
         if isinstance(msg, StatusUpdate):
-            acts = live.room.status_update(msg, now)
+            acts = self._step(live.room.status_update, msg, now)
         else:
-            acts = live.room.peer_abort(msg, now)
+            acts = self._step(live.room.peer_abort, msg, now)
         self._run(live, acts)
         if not live.room.holds_blocks:
             self._zombies.pop((live.room.room, live.room.epoch), None)
@@ -831,7 +945,8 @@ class LanguageEndpoint:
             elif isinstance(a, Drop):
                 self.ignored_inputs += 1
                 self.metrics.ignored.labels("language").inc()
-                log.debug("language: %s", a.reason)
+                peer = "?" if live.encoder is None else live.encoder.address
+                self._stale.note(f"encoder {peer}", "stale", a.reason)
         if freed:
             self._retry_reservations()
 
@@ -840,9 +955,8 @@ class LanguageEndpoint:
             # the rest goes straight after the first chunk, in the assembly run
             blocks, live.extension = live.extension, None
             now = time.monotonic()
-            self._run(
-                live, live.room.reserved(blocks, min(tokens, len(blocks) * self.block_size), now)
-            )
+            n = min(tokens, len(blocks) * self.block_size)
+            self._run(live, self._step(live.room.reserved, blocks, n, now))
             return
         resume = live.room.sent_tokens > 0
         q = self._resumes if resume else self._firsts
@@ -856,7 +970,7 @@ class LanguageEndpoint:
         if blocks is None:
             return False
         n = min(tokens, len(blocks) * self.block_size)
-        self._run(live, live.room.reserved(blocks, n, time.monotonic()))
+        self._run(live, self._step(live.room.reserved, blocks, n, time.monotonic()))
         return True
 
     def _take_blocks(
@@ -972,9 +1086,14 @@ class LanguageEndpoint:
         return True
 
     def _tick(self, now: float) -> None:
+        if self._unrouted:
+            # before the rooms' own deadlines: their reason names the bootstrap server
+            self._route_rooms(None, now)
         for live in list(self._rooms.values()):
             if not live.room.done and not live.starting:  # a starting room waits a tick
-                self._run(live, live.room.tick(now))
+                self._run(live, self._step(live.room.tick, now))
+        self._noise.flush(now)
+        self._stale.flush(now)
         self._check_liveness(now)
         expired = []
         for key, (ended, live) in self._ended.items():
@@ -1020,6 +1139,8 @@ class LanguageEndpoint:
         self.dead_encoders += 1
         self.metrics.dead_peers.labels("language").inc()
         del self._encoders[enc.address]
+        # it may come back elsewhere (restarted on another port): look it up afresh
+        self._resolver.forget(enc.address)
         if enc.sock is not None:
             self._by_sock.pop(enc.sock, None)
             self._loop.remove_socket(enc.sock)
@@ -1037,4 +1158,4 @@ class LanguageEndpoint:
     def _fail_lost(self, live: _Live, enc: _Encoder, reason: str) -> None:
         if live.encoder is enc and not live.room.done:
             self._dequeue(live)
-            self._run(live, live.room.peer_dead(time.monotonic(), reason))
+            self._run(live, self._step(live.room.peer_dead, time.monotonic(), reason))

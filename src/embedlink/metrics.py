@@ -142,9 +142,10 @@ class MetricsExporter:
     """An HTTP server for one endpoint on ``host:port`` (port 0: a free one).
 
     ``GET /metrics``: the registry; ``GET /status``: ``status()`` as JSON (404
-    when no status function was given); ``GET /health``. Runs on its own
-    daemon thread; a failing status function answers 503 with the error and
-    never stops the server.
+    when no status function was given); ``GET /health``. :meth:`start` binds
+    and runs it on its own thread (the constructor opens nothing);
+    :meth:`close` stops it and joins that thread. A failing status function
+    answers 503 with the error and never stops the server.
     """
 
     def __init__(
@@ -187,21 +188,40 @@ class MetricsExporter:
                 log.debug("metrics http: " + format, *args)
 
         self._status = status
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
+        self._handler = Handler
+        self._host = host
+        self.port = port
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> MetricsExporter:
+        """Bind and serve; :attr:`port` is then the bound port. OSError when
+        the port cannot be bound."""
+        if self._server is not None:
+            raise RuntimeError("the metrics exporter is already started")
+        server = ThreadingHTTPServer((self._host, self.port), self._handler)
+        server.daemon_threads = True
+        self._server = server
+        self.port = int(server.server_address[1])
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="embedlink-metrics", daemon=True
+            target=server.serve_forever, name="embedlink-metrics", daemon=True
         )
         self._thread.start()
+        return self
 
     def address(self, host: str) -> str:
         """``host:port`` of this server as reached through ``host``."""
         return f"{host}:{self.port}"
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        """Stop serving and join the server thread. Idempotent."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(10)
 
 
 def rooms_by_status(statuses: Iterable[Any]) -> dict[str, int]:

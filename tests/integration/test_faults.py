@@ -134,7 +134,7 @@ def test_encoder_killed_or_hung_fails_its_rooms(
 
 @pytest.mark.parametrize("transport", ["tcp", "shm"])
 def test_bootstrap_server_stopped_mid_traffic(spawn_encoder, transport):
-    from embedlink import BootstrapError, BootstrapServer
+    from embedlink import BootstrapServer
 
     boot = BootstrapServer(host="127.0.0.1", port=0).start()
     enc = spawn_encoder(
@@ -152,10 +152,17 @@ def test_bootstrap_server_stopped_mid_traffic(spawn_encoder, transport):
         later = lang.receiver(bootstrap=boot.address, room=3)  # cached route: still fine
         enc.call("send", 3, 10)
         assert same_embedding(later.wait(timeout=30), make_embedding(SCHEMA, 10, 0, 3))
-        # an endpoint that never looked the route up gets a clear error, not a hang
-        with (
-            LanguageEndpoint(SCHEMA, num_blocks=16, transports=(transport,)) as fresh,
-            pytest.raises(BootstrapError, match="unreachable"),
-        ):
-            fresh.receiver(bootstrap=boot.address, room=4)
+        # an endpoint that never looked the route up: receiver() does not
+        # block, the room waits in Bootstrapping and then fails with a reason
+        # naming the bootstrap server
+        with LanguageEndpoint(
+            SCHEMA, num_blocks=16, transports=(transport,), bootstrap_timeout=1.0
+        ) as fresh:
+            rx = fresh.receiver(bootstrap=boot.address, room=4)
+            assert rx.poll() in (Status.Bootstrapping, Status.Failed)
+            with pytest.raises(TransferError) as ei:
+                rx.wait(timeout=30)
+            assert boot.address in str(ei.value) and "unreachable" in str(ei.value)
+            assert rx.history == [(Status.Bootstrapping, 0), (Status.Failed, 0)]
+            assert fresh.allocator.num_free == 16
         assert lang.allocator.wait_all_free(10)

@@ -649,8 +649,18 @@ class ReceiverRoom(_Room):
     def holds_blocks(self) -> bool:
         return self.blocks is not None
 
-    def start(self, now: float) -> list[Action]:
-        """Ask for the first reservation (``default_tokens``)."""
+    def start(self, now: float, required_dst_info_num: int | None = None) -> list[Action]:
+        """Ask for the first reservation (``default_tokens``). Called once.
+        ``required_dst_info_num``, when given, replaces the constructor's (it
+        may be known only once the encoder has been looked up)."""
+        if required_dst_info_num is not None:
+            if required_dst_info_num < 1:
+                raise ValueError(
+                    f"required_dst_info_num must be at least 1, got {required_dst_info_num}"
+                )
+            self.required = required_dst_info_num
+        if self.done:
+            return []
         self._want = self.default_tokens
         return [Reserve(self.default_tokens)]
 
