@@ -392,7 +392,7 @@ def raw_mooncake_gbps(
     ``transfer_submit_write`` requests, polled."""
     from .transports.mooncake import _engine_class
 
-    cls = _engine_class(verbose=False)
+    cls = _engine_class()
     a, b = cls(), cls()
     for e in (a, b):
         if e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
@@ -489,7 +489,7 @@ def raw_mooncake_gpu_gbps(nbytes: int, device: str) -> float:
 
     from .transports.mooncake import _engine_class
 
-    cls = _engine_class(verbose=False)
+    cls = _engine_class()
     a, b = cls(), cls()
     for e in (a, b):
         if e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:

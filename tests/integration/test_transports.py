@@ -238,18 +238,24 @@ def test_mooncake_unknown_wait_option_is_refused():
         _mooncake_writer("127.0.0.1:1", 0, 1, wait="busy")
 
 
-def test_mooncake_engine_starts_quietly_unless_verbose():
-    """The engine's own start-up lines (glog, even an ERROR one on every
-    successful start) stay off stderr by default; verbose shows them; other
-    output written meanwhile still gets through."""
+def test_mooncake_engine_start_leaves_the_process_as_it_was():
+    """Starting the engine changes no process-wide state: the environment is
+    as before (MC_LOG_LEVEL is set only around the library's import, unless
+    the user set it), file descriptor 2 is never redirected; the engine's
+    INFO chatter stays off by default and verbose shows it."""
     import subprocess
     import sys
 
     code = (
-        "import sys\n"
-        "from embedlink.transports.mooncake import local_engine\n"
-        "print(local_engine('127.0.0.1').session)\n"
-        "print('after start', file=sys.stderr)\n"
+        "import os\n"
+        "before = dict(os.environ)\n"
+        "dup2 = os.dup2\n"
+        "redirected = []\n"
+        "os.dup2 = lambda a, b, *k: (redirected.append(b), dup2(a, b, *k))[1]\n"
+        "from embedlink.transports import mooncake\n"
+        "print(mooncake.local_engine('127.0.0.1').session)\n"
+        "os.write(2, b'after start\\n')\n"
+        "print(redirected, dict(os.environ) == before, flush=True)\n"
     )
 
     def start(**env):
@@ -260,17 +266,78 @@ def test_mooncake_engine_starts_quietly_unless_verbose():
             capture_output=True,
             text=True,
             timeout=60,
-            # MC_LOG_LEVEL, when set, is the user's choice and wins
             env={**{k: v for k, v in os.environ.items() if k != "MC_LOG_LEVEL"}, **env},
         )
 
     quiet = start()
     assert quiet.returncode == 0, quiet.stderr
-    assert quiet.stdout.startswith("127.0.0.1:")
-    assert quiet.stderr.strip() == "after start"
+    session, state = quiet.stdout.splitlines()
+    assert session.startswith("127.0.0.1:")
+    # nothing redirected, the environment as it was
+    assert state == "[] True"
+    assert "after start" in quiet.stderr
+    assert "tcp_transport" not in quiet.stderr and "listening on" not in quiet.stderr
     loud = start(EMBEDLINK_MOONCAKE_VERBOSE="1")
     assert loud.returncode == 0, loud.stderr
-    assert "tcp_transport" in loud.stderr  # the engine's INFO lines
+    assert "listening on" in loud.stderr  # the engine's INFO lines
+    assert loud.stdout.splitlines()[1] == "[] True"
+    mine = start(MC_LOG_LEVEL="INFO")  # the user's own setting wins, and stays
+    assert mine.returncode == 0, mine.stderr
+    assert "listening on" in mine.stderr
+    assert mine.stdout.splitlines()[1] == "[] True"
+
+
+@pytest.mark.parametrize("wait", ["poll", "spin"])
+def test_mooncake_writers_in_one_process_keep_their_own_deadlines(wait):
+    """Two writers made by the backend as two endpoints would (one engine,
+    room timeouts 1 s and 3 s) to a peer that stopped reading: each write
+    times out at its own deadline, named in its error (the engine's
+    process-wide MC_TRANSFER_TIMEOUT is not what bounds them)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from embedlink.protocol import TransportOffer
+
+    nbytes = 64 << 20  # far more than the socket buffers hold
+    peer = subprocess.Popen(
+        [sys.executable, "-c", _MC_PEER, str(nbytes)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        session, addr = peer.stdout.readline().split()
+        offer = TransportOffer(
+            "mooncake", {"session": session, "protocol": "tcp", "addrs": addr}
+        )
+        backend = get_backend("mooncake")
+        writers = {
+            t: backend.connect(
+                offer,
+                regions={"embedding": nbytes},
+                field_names=["embedding"],
+                timeout=t,
+                options={"wait": wait},
+            )
+            for t in (1, 3)
+        }
+        src = _big_src(nbytes)
+        copies = [Copy("embedding", 0, 0, nbytes)]
+        writers[3].write(copies, src, timeout=30)  # handshake; the peer is sound
+        assert "MC_TRANSFER_TIMEOUT" not in os.environ
+        os.kill(peer.pid, signal.SIGSTOP)
+        for t, w in writers.items():
+            with pytest.raises(TransportError, match=rf"timed out after {t} s"):
+                w.write(copies, src, timeout=t)
+        os.kill(peer.pid, signal.SIGCONT)
+        for w in writers.values():
+            w.close()
+    finally:
+        os.kill(peer.pid, signal.SIGCONT)
+        peer.kill()
+        peer.wait(10)
 
 
 def test_mooncake_large_copies_go_as_several_requests():

@@ -5,24 +5,28 @@ metadata mode (no etcd): each engine listens on its own RPC port and peers
 address it as ``host:rpc_port`` (its *session id*, carried in ``Register``).
 Each pool is registered once with ``batch_register_memory``.
 
-How a plan is written depends on ``wait``:
+How a plan is written depends on ``wait``. Either way each merged copy of
+the plan is submitted at once (``transfer_submit_write``) and the writer
+watches their states (``transfer_check_status``, which releases the GIL)
+until all are done or the writer's own deadline passes: the room timeout of
+the endpoint that made the writer, so two endpoints in one process with
+different timeouts each keep their own (the engine's ``MC_TRANSFER_TIMEOUT``
+is process-wide, read once when the engine starts; embedlink does not set it).
 
-* ``poll`` (what ``auto``, the default, picks for ``tcp``): each merged copy
-  of the plan is submitted at once (``transfer_submit_write``) and their states
-  are polled every 100 us (``transfer_check_status``, which releases the GIL)
-  until all are done or the room's timeout passes. Two plans per peer may be
-  in flight at once. The engine's own synchronous calls spin on the status
-  without pausing: that costs a whole core for the length of every write, and
-  on a small host the engine's worker threads need that core (see
-  docs/performance.md). The Python binding has no non-blocking status for a
-  batch of several requests (``get_batch_transfer_status`` spins until the
-  batch is done; ``transfer_check_status`` reads the first request only), hence
-  one submission per merged copy; a plan has one copy per field when its blocks
-  are contiguous.
-* ``spin``: one ``batch_transfer_sync_write`` over the merged copies, bounded by
-  the engine's ``MC_TRANSFER_TIMEOUT`` (seconds, at least 5; embedlink sets it
-  from the room timeout when unset); what ``auto`` picks for ``rdma``, whose
-  writes end too soon for a poll interval to be small beside them.
+* ``poll`` (what ``auto``, the default, picks for ``tcp``): the states are
+  looked at every 100 us. Two plans per peer may be in flight at once. The
+  engine's own synchronous calls spin on the status without pausing: that
+  costs a whole core for the length of every write, and on a small host the
+  engine's worker threads need that core (see docs/performance.md). Copies of
+  6-64 MiB go as up to four requests (the engine moves them in parallel).
+* ``spin``: the states are looked at without sleeping, yielding the CPU
+  between looks; what ``auto`` picks for ``rdma``, whose writes end too soon
+  for a poll interval to be small beside them. One plan per peer at a time.
+
+The Python binding has no non-blocking status for a batch of several requests
+(``get_batch_transfer_status`` spins until the batch is done;
+``transfer_check_status`` reads the first request only), hence one submission
+per merged copy; a plan has one copy per field when its blocks are contiguous.
 
 A non-zero return code, a failed request or a passed deadline becomes a
 :class:`~embedlink.transports.TransportError` carrying the code: the room
@@ -40,6 +44,14 @@ default, or ``rdma``), ``device_name`` (RDMA devices, e.g. ``mlx5_0,mlx5_1``),
 ``verbose`` (``1`` shows the engine's own start-up logging, which is quiet by
 default), ``wait`` (``auto``, the default, ``poll`` or ``spin``; above).
 
+Process-wide state: the engine is one per process (and host, protocol and
+devices), shared by the endpoints in it. It reads its own configuration from
+``MC_*`` environment variables (``MC_LOG_LEVEL`` when its library is first
+imported); embedlink sets ``MC_LOG_LEVEL`` (``ERROR``, or ``INFO`` when the
+first engine asked is verbose) only around that import, unless the user set
+it, and restores the environment afterwards. At ``ERROR`` a successful start still prints two lines of the
+engine's own logging to standard error; nothing redirects it.
+
 Install: ``pip install 'embedlink[mooncake]'`` on CPU machines
 (``mooncake-transfer-engine-non-cuda``); on GPU machines install
 ``mooncake-transfer-engine`` (CUDA 12) or ``mooncake-transfer-engine-cuda13``
@@ -53,9 +65,6 @@ import contextlib
 import functools
 import logging
 import os
-import re
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -91,61 +100,44 @@ def _option(options: Mapping[str, str] | None, name: str, default: str) -> str:
     return os.environ.get(f"EMBEDLINK_MOONCAKE_{name.upper()}", default)
 
 
-def _engine_class(verbose: bool) -> Any:
-    # The engine reads MC_LOG_LEVEL when it is constructed: its start-up chatter
-    # (topology discovery, ports) is INFO; keep errors only unless asked.
-    os.environ.setdefault("MC_LOG_LEVEL", "INFO" if verbose else "ERROR")
-    try:
-        from mooncake.engine import TransferEngine
-    except ImportError as exc:  # missing package, or libibverbs.so.1 missing
-        raise TransportUnavailable(f"{INSTALL_HINT} ({exc})") from exc
+_IMPORT_LOCK = threading.Lock()
+
+
+def _engine_class(verbose: bool = False) -> Any:
+    # The native library reads MC_LOG_LEVEL when it is first imported.
+    with _IMPORT_LOCK, _engine_env(verbose):
+        try:
+            from mooncake.engine import TransferEngine
+        except ImportError as exc:  # missing package, or libibverbs.so.1 missing
+            raise TransportUnavailable(f"{INSTALL_HINT} ({exc})") from exc
     return TransferEngine
+
+
+@contextlib.contextmanager
+def _engine_env(verbose: bool) -> Iterator[None]:
+    """The environment the engine's library reads when it is first imported:
+    its start-up chatter (topology discovery, ports) is INFO, so errors only
+    unless asked; a user's own ``MC_LOG_LEVEL`` wins. Restored afterwards,
+    so the endpoint leaves the process's environment as it found it."""
+    key = "MC_LOG_LEVEL"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = "INFO" if verbose else "ERROR"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
 
 
 @functools.cache
 def installed() -> bool:
     """Whether the engine can be imported here (cached)."""
     try:
-        _engine_class(verbose=False)
+        _engine_class()
     except TransportUnavailable:
         return False
     return True
-
-
-# a line of the engine's own logging (glog), or glog's note that it logs
-# before being initialised
-_GLOG_LINE = re.compile(
-    r"^(?:[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\]|WARNING: Logging before InitGoogleLogging)"
-)
-
-
-@contextlib.contextmanager
-def _engine_stderr(quiet: bool) -> Iterator[list[str]]:
-    """While the engine starts, keep what it writes to the process's stderr
-    (file descriptor 2, below Python) out of the operator's way: even at ERROR
-    level a successful start logs "Local segment descriptor not found". The
-    engine's lines are collected in the yielded list (complete once the block
-    has ended) so a failed start can show them; anything else written
-    meanwhile, such as another thread's log line, is written back."""
-    lines: list[str] = []
-    if not quiet:
-        yield lines
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            others: list[str] = []
-            for line in tmp.read().decode(errors="replace").splitlines():
-                (lines if _GLOG_LINE.match(line) else others).append(line)
-            if others:
-                sys.stderr.write("\n".join(others) + "\n")
 
 
 class _Engine:
@@ -154,14 +146,12 @@ class _Engine:
 
     def __init__(self, host: str, protocol: str, device_name: str, verbose: bool) -> None:
         cls = _engine_class(verbose)
-        with _engine_stderr(quiet=not verbose) as said:
-            self.engine = cls()
-            rc = self.engine.initialize(host, "P2PHANDSHAKE", protocol, device_name)
+        self.engine = cls()
+        rc = self.engine.initialize(host, "P2PHANDSHAKE", protocol, device_name)
         if rc != 0:
-            detail = "; ".join(said[-5:])
             raise TransportUnavailable(
                 f"mooncake: initialize({host!r}, P2PHANDSHAKE, {protocol!r}, {device_name!r}) "
-                f"returned {rc}" + (f": {detail}" if detail else "")
+                f"returned {rc} (the engine's own log lines, on standard error, say why)"
             )
         self.host = host
         self.protocol = protocol
@@ -259,6 +249,8 @@ POLL_INTERVAL = 100e-6
 
 _WAITS = ("poll", "spin")
 
+_yield = getattr(os, "sched_yield", lambda: time.sleep(0))
+
 #: Polled writes cut a copy of 6-64 MiB into up to four requests of at least
 #: 3 MiB: the engine moves separate requests in parallel. Measured on 2 cores
 #: (docs/performance.md): a 14 MB copy as one request ~1.15-1.7 GB/s, as four
@@ -351,18 +343,9 @@ class MooncakeWriter(PeerWriter):
         srcs = [src.region(c.field)[0] + c.src_offset for c in copies]
         dsts = [self.addrs[c.field] + c.dst_offset for c in copies]
         lens = [c.length for c in copies]
-        if self.wait == "spin":
-            rc = self.engine.engine.batch_transfer_sync_write(self.session, srcs, dsts, lens)
-            if rc != 0:
-                raise TransportError(
-                    f"mooncake: batch_transfer_sync_write to {self.session} returned {rc} "
-                    f"({len(copies)} copies, {sum(lens)} bytes): the peer is unreachable, "
-                    "refused the write or it timed out"
-                )
-            return
-        self._write_polled(srcs, dsts, lens, timeout)
+        self._write_watched(srcs, dsts, lens, timeout)
 
-    def _write_polled(
+    def _write_watched(
         self, srcs: list[int], dsts: list[int], lens: list[int], timeout: float
     ) -> None:
         eng = self.engine.engine
@@ -370,7 +353,8 @@ class MooncakeWriter(PeerWriter):
         self._reap()
         pending: list[int] = []
         problem: str | None = None
-        requests = _pieces(srcs, dsts, lens)
+        spin = self.wait == "spin"
+        requests = list(zip(srcs, dsts, lens, strict=True)) if spin else _pieces(srcs, dsts, lens)
         for s, d, n in requests:
             bid = eng.transfer_submit_write(self.session, s, d, n)
             if not _submitted(bid):
@@ -397,7 +381,10 @@ class MooncakeWriter(PeerWriter):
                     f"{len(pending)} of {len(requests)} requests pending ({sum(lens)} bytes)"
                     + (f"; {problem}" if problem else "")
                 )
-            time.sleep(POLL_INTERVAL)
+            if spin:
+                _yield()
+            else:
+                time.sleep(POLL_INTERVAL)
         if problem is not None:
             raise TransportError(
                 f"mooncake: write to {self.session} failed: {problem} ({len(requests)} requests, "
@@ -448,7 +435,6 @@ class MooncakeBackend:
             raise TransportUnavailable("mooncake: the offer's regions do not match the schema")
         opts = dict(options or {})
         opts.setdefault("protocol", p.get("protocol", "tcp"))
-        os.environ.setdefault("MC_TRANSFER_TIMEOUT", str(max(5, int(timeout))))
         engine = local_engine(local_host, opts)
         return MooncakeWriter(
             engine,
