@@ -307,6 +307,15 @@ SETTINGS: tuple[Setting, ...] = (
         optional=True,
     ),
     Setting(
+        "route_refresh",
+        "float",
+        10.0,
+        "seconds a looked-up encoder address is used before it is looked up again "
+        "(in the background; an encoder declared dead is looked up at once)",
+        _LANG,
+        check=_positive,
+    ),
+    Setting(
         "heartbeat_interval",
         "float",
         2.0,
@@ -473,7 +482,7 @@ class Config:
                 port=v["port"],
             )
         else:
-            kw.update(default_tokens=v["default_tokens"])
+            kw.update(default_tokens=v["default_tokens"], route_refresh=v["route_refresh"])
         return kw
 
 

@@ -212,10 +212,9 @@ class Receiver:
         ep._abort_now(live, "cleared before it finished")
         if live.room.done and live.pinned is None and not live.room.holds_blocks:
             # Nothing to free or tell the encoder: forget the id now (so it can
-            # be reused at once), let go of the result (the loop writes it no
-            # more: the room is done) and leave the rest to the loop's next
-            # wake-up.
-            live.result = {}
+            # be reused at once) and leave the rest, letting go of the result
+            # included, to the loop's next wake-up (a room aborted by another
+            # thread may still be in the middle of a harvest there).
             with ep._lock:
                 if ep._rooms.get(self.room) is live:
                     del ep._rooms[self.room]
@@ -260,11 +259,14 @@ class LanguageEndpoint:
         device: str | None = None,
         local_control: bool = True,
         busy_poll_us: float = BUSY_POLL_S * 1e6,
+        route_refresh: float = 10.0,
     ) -> None:
         if not transports:
             raise ValueError("offer at least one transport")
         if default_tokens <= 0:
             raise ValueError(f"default_tokens must be positive, got {default_tokens}")
+        if route_refresh <= 0:
+            raise ValueError(f"route_refresh must be positive, got {route_refresh}")
         check_endpoint_knobs(
             tp_rank=tp_rank,
             tp_size=tp_size,
@@ -340,6 +342,7 @@ class LanguageEndpoint:
             tp_size=tp_size,
             dp_size=dp_size,
             on_change=self._routes_changed,
+            refresh=route_refresh,
             name=f"embedlink-resolver-{tp_rank}",
         )
         self._unrouted: dict[int, _Live] = {}  # rooms waiting for a route, by id(live)
@@ -573,7 +576,6 @@ class LanguageEndpoint:
     def _after_abort(self, live: _Live, actions: list[Action]) -> None:
         if self._defer(live, functools.partial(self._after_abort, live, actions)):
             return
-        self._unrouted.pop(id(live), None)
         self._dequeue(live)
         self._run(live, actions)
 
@@ -761,8 +763,10 @@ class LanguageEndpoint:
 
     def _await_route(self, live: _Live) -> None:
         """A room whose encoder address was not cached: start it as soon as
-        the resolver has it (:meth:`_routes_changed`, or a later tick)."""
-        if live.route is None or live.room.done:
+        the resolver has it (:meth:`_routes_changed`, or a later tick). One
+        aborted meanwhile still waits, until its deadline, so that the
+        encoder can be told (it may hold the embedding for it)."""
+        if live.route is None:
             return
         self._unrouted[id(live)] = live
         self._try_route(live)
@@ -775,7 +779,14 @@ class LanguageEndpoint:
             return False
         del self._unrouted[id(live)]
         live.route = None
-        self._start_room(live, *found)
+        if live.room.done:
+            # aborted before its encoder was known: tell it now
+            room = live.room
+            reason = room.failure_reason or "aborted by receiver"
+            abort = Abort(session=self.session, room=room.room, epoch=room.epoch, reason=reason)
+            self._send(self._encoder(found[0]), abort)
+        else:
+            self._start_room(live, *found)
         return True
 
     def _routes_changed(self, bootstrap: str) -> None:
@@ -787,7 +798,7 @@ class LanguageEndpoint:
         that the resolver now knows; with ``now``, fail those whose deadline
         has passed, naming the bootstrap server and its last answer."""
         for live in list(self._unrouted.values()):
-            if live.room.done or live.route is None:
+            if live.route is None:
                 self._unrouted.pop(id(live), None)
                 continue
             boot = live.route[0]
@@ -796,6 +807,8 @@ class LanguageEndpoint:
             if self._try_route(live) or now is None or now < live.room.deadline:
                 continue
             del self._unrouted[id(live)]
+            if live.room.done:
+                continue  # aborted, and its encoder never found: nobody to tell
             why = self._resolver.last_error(boot) or "no answer yet"
             self._abort_room(
                 live,

@@ -125,6 +125,15 @@ class BufferPool:
                 raw = self._backing[off : off + nbytes]
                 self._arrays[f.name] = raw.view(f.np_dtype).reshape((tokens, *f.shape))
 
+    def release(self) -> None:
+        """Drop the pool's own views of its memory, so that memory (a shared
+        segment's mapping and its descriptor) can go as soon as nobody else
+        holds a view of it. The pool is unusable afterwards; its owner calls
+        this when it closes."""
+        self._arrays = {}
+        self._backing = None
+        self._tensor = None
+
     # -- shape and addresses
 
     @property

@@ -90,6 +90,9 @@ class SharedPool:
             self.shm.unlink()
         except FileNotFoundError:
             pass
+        # the pool's views would keep the mapping (and its descriptor) open
+        # until the pool is garbage collected
+        self.pool.release()
         _close_mapping(self.shm)
 
 

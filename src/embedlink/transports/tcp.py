@@ -79,6 +79,7 @@ class TcpServer(TransportServer):
             raise TransportUnavailable(f"tcp: needs a host-memory pool, not one on {pool.device}")
         self._sock: socket.socket | None = None
         self._conns: set[socket.socket] = set()
+        self._conn_threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -114,15 +115,22 @@ class TcpServer(TransportServer):
             except OSError:
                 pass
             self._sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)  # no connection is added after this
         with self._lock:
             conns = list(self._conns)
+            threads = list(self._conn_threads)
         for c in conns:
             try:
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        for t in threads:
+            t.join(timeout=5)
+        if not any(t.is_alive() for t in threads):
+            # the views would keep a shared pool's mapping open until this
+            # server is garbage collected
+            self._views = {}
 
     def _accept_loop(self) -> None:
         assert self._sock is not None
@@ -132,11 +140,13 @@ class TcpServer(TransportServer):
             except OSError:
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            t = threading.Thread(
+                target=self._serve, args=(conn,), name="embedlink-tcp-conn", daemon=True
+            )
             with self._lock:
                 self._conns.add(conn)
-            threading.Thread(
-                target=self._serve, args=(conn,), name="embedlink-tcp-conn", daemon=True
-            ).start()
+                self._conn_threads.add(t)
+            t.start()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -167,6 +177,7 @@ class TcpServer(TransportServer):
         finally:
             with self._lock:
                 self._conns.discard(conn)
+                self._conn_threads.discard(threading.current_thread())
             conn.close()
 
     def _check(self, entries: list[tuple[int, int, int]], payload: int) -> str | None:
