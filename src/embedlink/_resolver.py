@@ -286,7 +286,9 @@ class Resolver:
             log.debug("resolver: %s", error)
         if changed:
             if key[0] == "rank":
-                log.info("resolver: encoder rank %d/%d at %s via %s", key[1], key[2], value, bootstrap)
+                log.info(
+                    "resolver: encoder rank %d/%d at %s via %s", key[1], key[2], value, bootstrap
+                )
             try:
                 self._on_change(bootstrap)
             except Exception:  # the endpoint's callback must not end the lookups
@@ -294,9 +296,7 @@ class Resolver:
 
     async def _get_json(self, url: str) -> Any:
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout)
-            )
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
         async with self._session.get(url) as resp:
             try:
                 body = await resp.json(content_type=None)

@@ -898,7 +898,9 @@ class LanguageEndpoint:
             self.dropped_messages += 1
             self.metrics.dropped.labels("language").inc()
             self._noise.note(
-                f"encoder {enc.address}", "unexpected", f"{type(msg).__name__} is not for a language rank"
+                f"encoder {enc.address}",
+                "unexpected",
+                f"{type(msg).__name__} is not for a language rank",
             )
             return
         live = self._zombies.get((msg.room, msg.epoch))

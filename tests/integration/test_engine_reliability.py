@@ -383,7 +383,7 @@ def test_constructing_closing_and_restarting_leaks_nothing():
             with pytest.raises(RuntimeError, match="closed"):
                 x.start()
         assert _embedlink_threads() == [], f"{name}: threads alive after close()"
-        until(lambda: _fds() <= fds, timeout=10, what=f"{name}: descriptors back")
+        until(lambda n=fds: _fds() <= n, timeout=10, what=f"{name}: descriptors back")
         assert threading.active_count() == threads
 
 
@@ -493,14 +493,15 @@ def test_garbage_to_an_encoder_is_counted_exactly_and_logged_sparingly(caplog):
             for i in range(500):
                 noisy.send(b"unsealed %d" % i)
             others = []
-            for i in range(50):
+            for _ in range(50):
                 s = ctx.socket(zmq.DEALER)
                 s.connect(f"tcp://{enc.address}")
                 s.send(auth.seal(b"\x00junk"))
                 others.append(s)
             until(
-                lambda: enc.stats.dropped_messages == 5050
-                and enc.stats.unauthenticated_messages == 500,
+                lambda: (
+                    enc.stats.dropped_messages == 5050 and enc.stats.unauthenticated_messages == 500
+                ),
                 what="every garbage message counted",
             )
             metrics = enc.metrics
@@ -530,7 +531,11 @@ def test_garbage_from_an_encoder_is_counted_exactly_and_logged_sparingly(caplog)
     port = rogue.bind_to_random_port("tcp://127.0.0.1")
     try:
         with LanguageEndpoint(
-            SCHEMA, num_blocks=16, transports=("tcp",), local_control=False, room_timeout=60,
+            SCHEMA,
+            num_blocks=16,
+            transports=("tcp",),
+            local_control=False,
+            room_timeout=60,
             heartbeat_interval=10.0,
         ) as lang:
             rx = lang.receiver(encoder=f"127.0.0.1:{port}", room=1)

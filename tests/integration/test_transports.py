@@ -309,9 +309,7 @@ def test_mooncake_writers_in_one_process_keep_their_own_deadlines(wait):
     )
     try:
         session, addr = peer.stdout.readline().split()
-        offer = TransportOffer(
-            "mooncake", {"session": session, "protocol": "tcp", "addrs": addr}
-        )
+        offer = TransportOffer("mooncake", {"session": session, "protocol": "tcp", "addrs": addr})
         backend = get_backend("mooncake")
         writers = {
             t: backend.connect(
