@@ -188,4 +188,4 @@ def test_fuzz_control_planes_and_bootstrap(boot):
         for r, rx in rxs.items():
             assert same_embedding(rx.wait(timeout=30), make_embedding(SCHEMA, 100 * r + 7, 0, r))
         assert enc.allocator.wait_all_free(10)
-        assert boot.address and _http(boot.address, "GET", "/health", None) == 200
+        assert _http(boot.address, "GET", "/health", None) == 200
