@@ -515,7 +515,8 @@ class LanguageEndpoint:
         assert enc is not None
         now = time.monotonic()
         acts = self._step(live.room.start, now)
-        if not acts:  # aborted meanwhile by another thread: nothing to start
+        if not acts:  # aborted meanwhile by another thread: tell the encoder instead
+            self._tell_aborted(live, enc)
             self._end_start(live)
             return True
         (reserve,) = acts
@@ -757,7 +758,9 @@ class LanguageEndpoint:
 
     def _start_room(self, live: _Live, address: str, required: int | None = None) -> None:
         if live.room.done:
-            return  # aborted before it started
+            # aborted before it started: the encoder may hold the embedding
+            self._tell_aborted(live, self._encoder(address))
+            return
         live.encoder = self._encoder(address)
         self._run(live, self._step(live.room.start, time.monotonic(), required))
 
@@ -781,13 +784,20 @@ class LanguageEndpoint:
         live.route = None
         if live.room.done:
             # aborted before its encoder was known: tell it now
-            room = live.room
-            reason = room.failure_reason or "aborted by receiver"
-            abort = Abort(session=self.session, room=room.room, epoch=room.epoch, reason=reason)
-            self._send(self._encoder(found[0]), abort)
+            self._tell_aborted(live, self._encoder(found[0]))
         else:
             self._start_room(live, *found)
         return True
+
+    def _tell_aborted(self, live: _Live, enc: _Encoder) -> None:
+        """Tell ``enc`` about a room aborted before it was started (its own
+        Abort action went nowhere: the room had no encoder yet), so it does
+        not keep the embedding for a receiver that is gone."""
+        room = live.room
+        reason = room.failure_reason or "aborted by receiver"
+        self._send(
+            enc, Abort(session=self.session, room=room.room, epoch=room.epoch, reason=reason)
+        )
 
     def _routes_changed(self, bootstrap: str) -> None:
         # the resolver's thread: hand it to the loop

@@ -1,4 +1,3 @@
-
 import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
