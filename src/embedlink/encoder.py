@@ -587,8 +587,10 @@ class EncoderEndpoint:
     # -- loop thread
 
     def _adopt_early(self, room: SenderRoom) -> None:
+        # to this room, not whatever has its id now: it may have been aborted
+        # and cleared meanwhile (then its requests are answered with why)
         for _, identity, msg in self._early.pop(room.room, []):
-            self._dispatch(identity, msg)
+            self._dispatch(identity, msg, room)
 
     def _data_ready(self, room: SenderRoom, n: int, blocks: list[int]) -> None:
         self._run(room, self._step(room.data_ready, n, blocks, time.monotonic()))
@@ -692,7 +694,9 @@ class EncoderEndpoint:
             if peer.identity == identity and peer.refused is None:
                 self._peer_dead(peer, f"its same-host control connection ended ({why})")
 
-    def _dispatch(self, identity: bytes, msg: Message) -> None:
+    def _dispatch(self, identity: bytes, msg: Message, target: SenderRoom | None = None) -> None:
+        """Handle one decoded message; ``target``: the room it is for (else
+        the live room with its id)."""
         now = time.monotonic()
         if isinstance(msg, Register):
             self._on_register(identity, msg)
@@ -725,7 +729,7 @@ class EncoderEndpoint:
         peer.identity = identity
         peer.last_seen = now
         first = False
-        room = self._rooms.get(msg.room)  # the common case: the room exists, no lock
+        room = target or self._rooms.get(msg.room)  # the common case: it exists, no lock
         if room is None and isinstance(msg, TransferRequest | Abort):
             with self._lock:  # against sender() adding the room meanwhile
                 room = self._rooms.get(msg.room)

@@ -513,8 +513,12 @@ def test_garbage_to_an_encoder_is_counted_exactly_and_logged_sparingly(caplog):
             assert metrics.dropped.labels("encoder")._value.get() == 5050
             assert metrics.unauthenticated.labels("encoder")._value.get() == 500
             lines = _warnings(caplog, "embedlink.encoder")
-            assert 51 <= len(lines) < 100  # one per noisy peer, this interval
-            assert all("dropped a malformed control message" in r.getMessage() for r in lines)
+            # one per noisy peer, and for the loudest one a summary per 10 s
+            # interval should the machine be slow enough for one to pass
+            assert 51 <= len(lines) < 100
+            firsts = [r for r in lines if "dropped a malformed control message" in r.getMessage()]
+            assert len(firsts) == 51
+            assert all("more control messages" in r.getMessage() for r in lines if r not in firsts)
             tx = enc.sender(1)
             rx = lang.receiver(encoder=enc.address, room=1)
             tx.send(make_embedding(SCHEMA, 1500, 0, 1))
@@ -533,6 +537,10 @@ def test_garbage_from_an_encoder_is_counted_exactly_and_logged_sparingly(caplog)
     caplog.set_level(logging.INFO, logger="embedlink.language")
     ctx = zmq.Context()
     rogue = ctx.socket(zmq.ROUTER)
+    # wait at the peer's high-water mark instead of dropping (a busy machine
+    # reads slowly): every message sent must arrive to be counted
+    rogue.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    rogue.setsockopt(zmq.SNDTIMEO, 30_000)
     port = rogue.bind_to_random_port("tcp://127.0.0.1")
     try:
         with LanguageEndpoint(
