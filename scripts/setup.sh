@@ -24,9 +24,17 @@ if [ "$extras" = test ] && ! ldconfig -p 2>/dev/null | grep -q 'libibverbs.so.1 
     echo "warning: libibverbs1 is missing (apt-get install libibverbs1); mooncake tests will fail" >&2
   fi
 fi
-# iproute2 for the network-namespace test
-if [ "$extras" = test ] && ! command -v ip >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  apt-get install -y -qq iproute2 >/dev/null 2>&1 || true
+# iproute2 for the network-namespace tests, nftables for the lossy-link tests
+# (random loss and the fault proxy's redirect)
+if [ "$extras" = test ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=""
+  command -v ip >/dev/null || missing="$missing iproute2"
+  command -v nft >/dev/null || missing="$missing nftables"
+  if [ -n "$missing" ]; then
+    # shellcheck disable=SC2086
+    apt-get install -y -qq $missing >/dev/null 2>&1 ||
+      { apt-get update -qq && apt-get install -y -qq $missing >/dev/null 2>&1; } || true
+  fi
 fi
 case "$extras" in
   "") spec="." ;;

@@ -97,6 +97,8 @@ class _Encoder:
         if self.lane is not None:
             return self.lane.send(payload)
         assert self.sock is not None
+        if self.sock.closed:  # declared dead meanwhile: nothing goes out any more
+            return False
         self.sock.send(payload)
         return True
 
@@ -1172,15 +1174,26 @@ class LanguageEndpoint:
         if enc.lane is not None:
             self._loop.remove_fd(enc.lane.fileno())
         enc.close()
-        for live in [*self._rooms.values(), *self._zombies.values()]:
-            if live.encoder is enc or (live.starting and live.encoder is None):
-                # a room starting on the caller's thread may be about to use enc
-                fail = functools.partial(self._fail_lost, live, enc, reason)
-                if not self._defer(live, fail):
-                    fail()
+        affected = [
+            live
+            for live in [*self._rooms.values(), *self._zombies.values()]
+            if live.encoder is enc or (live.starting and live.encoder is None)
+        ]
+        # Out of the reservation queues first: blocks the first failures free
+        # must not go to another room of the same dead encoder.
+        for live in affected:
+            if live.encoder is enc:
+                self._dequeue(live)
+        for live in affected:
+            # a room starting on the caller's thread may be about to use enc
+            fail = functools.partial(self._fail_lost, live, enc, reason)
+            if not self._defer(live, fail):
+                fail()
         self._zombies = {k: v for k, v in self._zombies.items() if v.encoder is not enc}
 
     def _fail_lost(self, live: _Live, enc: _Encoder, reason: str) -> None:
-        if live.encoder is enc and not live.room.done:
+        # an ended room whose blocks the encoder might still have written
+        # into gets them back now: nothing more can land
+        if live.encoder is enc and (not live.room.done or live.room.holds_blocks):
             self._dequeue(live)
             self._run(live, self._step(live.room.peer_dead, time.monotonic(), reason))

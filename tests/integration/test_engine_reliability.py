@@ -565,3 +565,30 @@ def test_garbage_from_an_encoder_is_counted_exactly_and_logged_sparingly(caplog)
     finally:
         rogue.close(0)
         ctx.term()
+
+
+def test_an_aborted_room_gets_its_blocks_back_when_its_hung_encoder_is_declared_dead(
+    spawn_encoder,
+):
+    """A room aborted while its reservation is offered to an encoder that
+    hangs (SIGSTOP) keeps the blocks (a write may still land) until the
+    encoder is declared dead; then they come back, cleared or not."""
+    hb = dict(heartbeat_interval=0.2, heartbeat_misses=3, local_control=False)
+    with BootstrapServer(host="127.0.0.1", port=0) as boot:
+        enc = spawn_encoder(
+            bootstrap=boot.address, hidden_size=HIDDEN, num_blocks=64, transports=("tcp",), **hb
+        )
+        with LanguageEndpoint(SCHEMA, num_blocks=32, transports=("tcp",), **hb) as lang:
+            enc.call("open", 5)
+            rx = lang.receiver(bootstrap=boot.address, room=5)
+            until(lambda: rx.poll() is Status.WaitingForInput, what="room 5 requested")
+            os.kill(enc.proc.pid, signal.SIGSTOP)
+            try:
+                rx.abort("engine gave up while the encoder hung")
+                assert rx.poll() is Status.Failed
+                assert lang.pool_usage()[0] == 8  # kept: the encoder may still write
+                until(lambda: lang.dead_encoders == 1, what="the encoder declared dead")
+                rx.clear()
+                assert lang.allocator.wait_all_free(10), lang.pool_usage()
+            finally:
+                os.kill(enc.proc.pid, signal.SIGCONT)
