@@ -316,6 +316,15 @@ SETTINGS: tuple[Setting, ...] = (
         check=_positive,
     ),
     Setting(
+        "stale_write_grace",
+        "float",
+        30.0,
+        "seconds the blocks of an encoder declared dead stay out of use when its "
+        "transport cannot fence its writes (mooncake, shm, cuda_ipc; tcp fences at once)",
+        _LANG,
+        check=_positive,
+    ),
+    Setting(
         "heartbeat_interval",
         "float",
         2.0,
@@ -482,7 +491,11 @@ class Config:
                 port=v["port"],
             )
         else:
-            kw.update(default_tokens=v["default_tokens"], route_refresh=v["route_refresh"])
+            kw.update(
+                default_tokens=v["default_tokens"],
+                route_refresh=v["route_refresh"],
+                stale_write_grace=v["stale_write_grace"],
+            )
         return kw
 
 

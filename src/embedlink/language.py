@@ -87,6 +87,8 @@ class _Encoder:
     last_seen: float = field(default_factory=time.monotonic)
     last_ping: float = 0.0
     seq: int = 0
+    #: names this control connection's data-plane link (see TransportServer.fence)
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
 
     @property
     def control(self) -> str:
@@ -108,6 +110,22 @@ class _Encoder:
             self.lane.close()
         if self.sock is not None:
             self.sock.close(linger_ms)
+
+
+@dataclass
+class _Fence:
+    """The rooms of one encoder declared dead, holding the blocks it was
+    offered until its data-plane link is fenced on every transport."""
+
+    encoder: _Encoder
+    #: when a transport that cannot fence lets the blocks go (monotonic)
+    release_at: float
+    rooms: list[_Live] = field(default_factory=list)
+    #: transports that will still call one_done
+    waiting: int = 0
+    #: some transport cannot fence: wait for release_at too
+    graced: bool = False
+    settled: bool = False
 
 
 @dataclass
@@ -262,6 +280,7 @@ class LanguageEndpoint:
         local_control: bool = True,
         busy_poll_us: float = BUSY_POLL_S * 1e6,
         route_refresh: float = 10.0,
+        stale_write_grace: float = 30.0,
     ) -> None:
         if not transports:
             raise ValueError("offer at least one transport")
@@ -269,6 +288,9 @@ class LanguageEndpoint:
             raise ValueError(f"default_tokens must be positive, got {default_tokens}")
         if route_refresh <= 0:
             raise ValueError(f"route_refresh must be positive, got {route_refresh}")
+        if stale_write_grace <= 0:
+            raise ValueError(f"stale_write_grace must be positive, got {stale_write_grace}")
+        self.stale_write_grace = stale_write_grace
         check_endpoint_knobs(
             tp_rank=tp_rank,
             tp_size=tp_size,
@@ -350,6 +372,9 @@ class LanguageEndpoint:
         self._unrouted: dict[int, _Live] = {}  # rooms waiting for a route, by id(live)
         self._rooms: dict[RoomId, _Live] = {}
         self._zombies: dict[tuple[RoomId, int], _Live] = {}
+        # dead encoders whose writes may still land: their rooms keep the
+        # blocks they offered until every data plane fenced the link
+        self._fencing: list[_Fence] = []
         # rooms waiting for blocks: resumes first, then first reservations
         self._resumes: collections.deque[tuple[_Live, int]] = collections.deque()
         self._firsts: collections.deque[tuple[_Live, int]] = collections.deque()
@@ -675,7 +700,7 @@ class LanguageEndpoint:
         # Register first, then publish: a caller's thread that finds the
         # encoder in the table may send a request on the lane at once
         # (_start_here), and it must arrive after the registration.
-        self._send(enc, self._register())
+        self._send(enc, self._register(enc))
         self._encoders[address] = enc
         return enc
 
@@ -745,7 +770,7 @@ class LanguageEndpoint:
                 enc, f"control connection to encoder {enc.address}: {why}", closed=True
             )
 
-    def _register(self) -> Register:
+    def _register(self, enc: _Encoder) -> Register:
         names = [*self.schema.names, AUX_FIELD]
         return Register(
             session=self.session,
@@ -755,7 +780,7 @@ class LanguageEndpoint:
             block_size=self.block_size,
             num_blocks=self.num_blocks,
             regions=[RegionDesc(n, *self.pool.region(n)) for n in names],
-            transports=[s.offer() for s in self._servers],
+            transports=[s.offer_for(enc.token) for s in self._servers],
         )
 
     def _start_room(self, live: _Live, address: str, required: int | None = None) -> None:
@@ -904,7 +929,7 @@ class LanguageEndpoint:
             elif not msg.registered:
                 # The encoder forgot us (it restarted, or declared us dead
                 # while we were stalled): introduce ourselves again.
-                self._send(enc, self._register())
+                self._send(enc, self._register(enc))
             return
         if not isinstance(msg, StatusUpdate | Abort):
             self.dropped_messages += 1
@@ -1121,6 +1146,8 @@ class LanguageEndpoint:
                 self._run(live, self._step(live.room.tick, now))
         self._noise.flush(now)
         self._stale.flush(now)
+        if self._fencing:
+            self._settle_fences(now)
         self._check_liveness(now)
         expired = []
         for key, (ended, live) in self._ended.items():
@@ -1184,16 +1211,60 @@ class LanguageEndpoint:
         for live in affected:
             if live.encoder is enc:
                 self._dequeue(live)
+        # The encoder may be alive behind a broken link, with writes held up in
+        # the network: the blocks it was offered come back only once every
+        # data plane has fenced its link (or, where one cannot, after a grace).
+        fence = _Fence(enc, time.monotonic() + self.stale_write_grace)
+        self._fencing.append(fence)
         for live in affected:
             # a room starting on the caller's thread may be about to use enc
-            fail = functools.partial(self._fail_lost, live, enc, reason)
+            fail = functools.partial(self._fail_lost, live, enc, reason, fence)
             if not self._defer(live, fail):
                 fail()
         self._zombies = {k: v for k, v in self._zombies.items() if v.encoder is not enc}
+        for server in self._servers:
+            fence.waiting += 1
+            done = functools.partial(self._loop.call, self._fence_done, fence)
+            if not server.fence(enc.token, done, gone=closed):
+                fence.waiting -= 1
+                fence.graced = True
+        self._settle_fences(time.monotonic())
 
-    def _fail_lost(self, live: _Live, enc: _Encoder, reason: str) -> None:
-        # an ended room whose blocks the encoder might still have written
-        # into gets them back now: nothing more can land
+    def _fail_lost(self, live: _Live, enc: _Encoder, reason: str, fence: _Fence) -> None:
         if live.encoder is enc and (not live.room.done or live.room.holds_blocks):
             self._dequeue(live)
-            self._run(live, self._step(live.room.peer_dead, time.monotonic(), reason))
+            self._run(live, self._step(live.room.peer_lost, time.monotonic(), reason))
+            if live.room.holds_blocks:
+                if fence.settled:
+                    self._settled(live)
+                else:
+                    fence.rooms.append(live)
+
+    def _settled(self, live: _Live) -> None:
+        self._run(live, self._step(live.room.settled))
+        key = (live.room.room, live.room.epoch)
+        if self._zombies.get(key) is live:  # cleared meanwhile
+            del self._zombies[key]
+
+    def _fence_done(self, fence: _Fence) -> None:
+        fence.waiting -= 1
+        self._settle_fences(time.monotonic())
+
+    def _settle_fences(self, now: float) -> None:
+        """Give back the blocks of dead encoders whose links are fenced, or
+        whose grace has passed. Loop thread."""
+        for fence in list(self._fencing):
+            if fence.waiting > 0 or (fence.graced and now < fence.release_at):
+                continue
+            if fence.graced and fence.rooms:
+                log.info(
+                    "language: the blocks encoder %s was offered come back after %.0fs "
+                    "(its transport cannot fence late writes)",
+                    fence.encoder.address,
+                    self.stale_write_grace,
+                )
+            self._fencing.remove(fence)
+            fence.settled = True
+            for live in fence.rooms:
+                self._settled(live)
+            fence.rooms = []

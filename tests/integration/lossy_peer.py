@@ -196,6 +196,7 @@ class Language:
             host=host,
             num_blocks=int(cfg["language_blocks"]),
             default_tokens=int(cfg.get("default_tokens", 1024)),
+            stale_write_grace=float(cfg.get("stale_write_grace", 30.0)),
             **endpoint_kwargs(cfg),
         ).start()
         self.lock = threading.Lock()

@@ -75,12 +75,78 @@ def test_write_outside_region_is_refused_and_writes_nothing(endpoint):
     writer.write([Copy("token_ids", 0, 0, 4)], src_pool(), timeout=5)  # still usable
 
 
+HELLO = struct.pack("<4sH", b"ELTH", 0)
+
+
+def _batch(field_id: int, data: bytes) -> bytes:
+    return (
+        struct.pack("<4sIQ", b"ELT1", 1, len(data))
+        + struct.pack("<HQQ", field_id, 0, len(data))
+        + data
+    )
+
+
+def test_tcp_fence_stops_a_link_whose_batch_is_half_delivered():
+    """A batch held up mid-payload (a stalled link) never lands once its link
+    is fenced: the fence's callback runs only after the thread that served the
+    link has ended, and the link's token is refused from then on."""
+    import threading
+
+    pool = BufferPool(SCHEMA, 8, 4)
+    server = get_backend("tcp").server(pool, host="127.0.0.1").start()
+    try:
+        offer = server.offer_for("link-a")
+        assert offer.params["token"] == "link-a"
+        other = get_backend("tcp").connect(
+            server.offer_for("link-b"),
+            regions=regions_of(pool.layout),
+            field_names=NAMES,
+            timeout=5,
+        )
+        token = b"link-a"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(struct.pack("<4sH", b"ELTH", len(token)) + token)
+            whole = _batch(1, b"\1\2\3\4")
+            s.sendall(whole[:-2])  # the rest is "held up in the network"
+            before = bytes(pool.field_bytes("token_ids")[:4])
+            done = threading.Event()
+            assert server.fence("link-a", done.set) is True
+            assert done.wait(5), "the fence never settled"
+            # the held-back bytes arrive after the fence: nothing lands
+            try:
+                s.sendall(whole[-2:])
+            except OSError:
+                pass
+            assert bytes(pool.field_bytes("token_ids")[:4]) == before
+        # a new connection for the fenced link is refused, with a reason
+        w = get_backend("tcp").connect(
+            offer, regions=regions_of(pool.layout), field_names=NAMES, timeout=5
+        )
+        with pytest.raises(TransportError, match="fenced|failed"):
+            w.write([Copy("token_ids", 0, 0, 4)], src_pool(), timeout=5)
+        w.close()
+        assert bytes(pool.field_bytes("token_ids")[:4]) == before
+        # another link is not affected
+        other.write([Copy("token_ids", 0, 0, 4)], src_pool(), timeout=5)
+        assert bytes(pool.field_bytes("token_ids")[:4]) == bytes(
+            src_pool().field_bytes("token_ids")[:4]
+        )
+        other.close()
+        # fencing a link with no connection settles at once
+        quiet = threading.Event()
+        server.offer_for("link-c")
+        assert server.fence("link-c", quiet.set) and quiet.is_set()
+    finally:
+        server.close()
+
+
 def test_tcp_server_refuses_raw_out_of_bounds_batch_and_stays_up():
     pool = BufferPool(SCHEMA, 8, 4)
     server = get_backend("tcp").server(pool, host="127.0.0.1").start()
     try:
         before = pool.backing.copy()
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(HELLO)  # the default link (no token)
             # claims field 0 at an offset past its region
             s.sendall(
                 struct.pack("<4sIQ", b"ELT1", 1, 4) + struct.pack("<HQQ", 0, 1 << 40, 4) + b"abcd"
@@ -102,13 +168,15 @@ def test_tcp_server_refuses_raw_out_of_bounds_batch_and_stays_up():
         assert set(changed) <= set(range(off, off + 4))  # only the good batch landed
         assert bytes(pool.field_bytes("token_ids")[:4]) == b"\1\2\3\4"
         assert server.refused == 2
-        # garbage header: the connection is dropped, the server lives on
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
-            s.sendall(b"GARBAGE!" * 4)
-            try:
-                assert s.recv(1) == b""  # closed...
-            except ConnectionResetError:
-                pass  # ...or reset, since it left our bytes unread
+        # garbage instead of a hello, or instead of a batch header: the
+        # connection is dropped, the server lives on
+        for opening in (b"", HELLO):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+                s.sendall(opening + b"GARBAGE!" * 4)
+                try:
+                    assert s.recv(1) == b""  # closed...
+                except ConnectionResetError:
+                    pass  # ...or reset, since it left our bytes unread
         w = get_backend("tcp").connect(
             server.offer(), regions=regions_of(pool.layout), field_names=NAMES, timeout=5
         )

@@ -301,6 +301,25 @@ def test_peer_dead_frees_receiver_blocks_even_mid_write():
     assert any(isinstance(a, FreeBlocks) for a in acts)
 
 
+def test_peer_lost_fails_at_once_but_keeps_offered_blocks_until_settled():
+    rx = ReceiverRoom(
+        1, session="a", epoch=3, block_size=128, now=0, timeout=10, default_tokens=256
+    )
+    rx.start(0)
+    rx.reserved([4, 5], 256, 0)  # offered to the encoder: a write may be on its way
+    acts = rx.peer_lost(1, "no answer for 6s")
+    assert rx.status is F and "encoder lost" in rx.failure_reason
+    assert not any(isinstance(a, FreeBlocks) for a in acts) and rx.holds_blocks
+    assert rx.peer_lost(2, "again") == []  # ended: nothing more
+    assert [a.blocks for a in rx.settled() if isinstance(a, FreeBlocks)] == [(4, 5)]
+    assert not rx.holds_blocks and rx.settled() == []
+    # a room that offered nothing gives back nothing and just fails
+    q = ReceiverRoom(2, session="a", epoch=4, block_size=128, now=0, timeout=10, default_tokens=256)
+    q.start(0)
+    assert not any(isinstance(a, FreeBlocks) for a in q.peer_lost(1, "gone"))
+    assert q.status is F and q.waiting_for_blocks is None
+
+
 def test_receiver_abort_before_its_request_still_tells_the_encoder():
     rx = ReceiverRoom(
         1, session="a", epoch=3, block_size=128, now=0, timeout=10, default_tokens=256

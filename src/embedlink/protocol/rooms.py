@@ -793,12 +793,29 @@ class ReceiverRoom(_Room):
         return out
 
     def peer_dead(self, now: float, reason: str) -> list[Action]:
-        """The encoder is gone: nothing more will land in our blocks."""
+        """The encoder is gone and nothing more will land in our blocks:
+        :meth:`peer_lost` and :meth:`settled` at once."""
+        out = self.peer_lost(now, reason)
+        out.extend(self.settled())
+        return out
+
+    def peer_lost(self, now: float, reason: str) -> list[Action]:
+        """The encoder is gone (declared dead), but a write of its may still be
+        on its way: the room fails now, and blocks already offered to the
+        encoder are kept until :meth:`settled`."""
         out: list[Action] = []
-        self._offered = False
-        self._release(out)
+        self._want = None
         if not self.done:
             self._move(Status.Failed, now, out, f"encoder lost: {reason}")
+        if not self._offered:
+            self._release(out)
+        return out
+
+    def settled(self) -> list[Action]:
+        """Nothing the encoder wrote can land any more (its data-plane link
+        was fenced, or its grace period passed): offered blocks come back."""
+        out: list[Action] = []
+        self._release(out)
         return out
 
     def tick(self, now: float) -> list[Action]:

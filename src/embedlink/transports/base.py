@@ -19,7 +19,7 @@ room that asked, and only that room.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ..memory import BufferPool
 from ..protocol import Copy, EmbedlinkError, TransportOffer
@@ -90,6 +90,23 @@ class TransportServer:
 
     def offer(self) -> TransportOffer:
         raise NotImplementedError
+
+    def offer_for(self, peer: str) -> TransportOffer:
+        """The offer for one sender link, named by ``peer`` (an unguessable
+        token the receiver makes per control connection). A transport that can
+        :meth:`fence` a link puts the token in the offer and admits its writes
+        only until the fence; the default is :meth:`offer`."""
+        return self.offer()
+
+    def fence(self, peer: str, done: Callable[[], None], *, gone: bool = False) -> bool:
+        """Stop every write of link ``peer``: once ``done()`` has been called
+        (from any thread, possibly before this returns), nothing that link
+        sent, or still sends, can land in the pool. ``gone``: the sender's
+        endpoint closed or its process ended (its same-host control socket
+        closed), rather than falling silent. False when this transport cannot
+        fence (the receiver then keeps the link's blocks out of use for a grace
+        period instead); ``done`` is then never called."""
+        return False
 
     def close(self) -> None:
         """Stop accepting writes. No-op by default."""

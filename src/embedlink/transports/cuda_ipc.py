@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .._host import host_id as local_host_id
@@ -92,6 +92,15 @@ class CudaIpcServer(TransportServer):
     def offer(self) -> TransportOffer:
         assert self._params, "start() first"
         return TransportOffer("cuda_ipc", dict(self._params))
+
+    def fence(self, peer: str, done: Callable[[], None], *, gone: bool = False) -> bool:
+        # The sender's own process copies into the mapping, synchronously: once
+        # that process is gone (or closed its endpoint, which waits for its
+        # writes), nothing more can land. A sender that only fell silent may
+        # still be copying: that needs the grace period.
+        if gone:
+            done()
+        return gone
 
 
 class CudaIpcWriter(PeerWriter):

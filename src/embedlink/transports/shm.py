@@ -11,7 +11,7 @@ import mmap
 import os
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing import shared_memory
 from typing import Any
 
@@ -127,6 +127,15 @@ class ShmServer(TransportServer):
                 "offsets": offsets,
             },
         )
+
+    def fence(self, peer: str, done: Callable[[], None], *, gone: bool = False) -> bool:
+        # The sender's own process copies into the mapping, synchronously: once
+        # that process is gone (or closed its endpoint, which waits for its
+        # writes), nothing more can land. A sender that only fell silent may
+        # still be copying: that needs the grace period.
+        if gone:
+            done()
+        return gone
 
 
 class ShmWriter(PeerWriter):

@@ -1,6 +1,11 @@
 """``tcp``: the built-in data plane, pure Python over sockets. Works everywhere.
 
-Wire format of one batch (sender -> receiver), little-endian::
+Every connection opens with the sender's link token (the ``token`` of the
+offer it was given; empty for a plain :meth:`TcpServer.offer`)::
+
+    hello    "ELTH" | token_len u16 | token (utf-8)
+
+then carries batches (sender -> receiver), little-endian::
 
     header   "ELT1" | n_copies u32 | payload_bytes u64
     entries  n_copies x (field_id u16 | dst_offset u64 | length u64)
@@ -8,12 +13,19 @@ Wire format of one batch (sender -> receiver), little-endian::
 
 and the receiver's answer::
 
-    reply    status u8 (0 ok, 1 refused) | message_len u32 | message (utf-8)
+    reply    status u8 (0 ok, 1 out of bounds, 2 link fenced) | message_len u32 | message
 
 The receiver checks every entry against its registered regions *before*
 reading the payload, then ``recv_into``\\ s each copy straight into a
 memoryview of its pool (no intermediate bytes objects). A refused batch is
 still drained, so the connection stays usable, and nothing of it is written.
+
+Fencing: the receiver hands each encoder link its own token
+(:meth:`TcpServer.offer_for`). :meth:`TcpServer.fence` shuts that link's
+connections and refuses its token from then on; its ``done`` callback runs
+once the threads that wrote for the link have ended, so a write held up in
+the network (a stalled link, a proxy) can never land in blocks given to
+another room afterwards.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ..memory import BufferPool
 from ..protocol import AUX_FIELD, Copy, TransportOffer
@@ -41,6 +53,8 @@ log = logging.getLogger(__name__)
 __all__ = ["BACKEND", "TcpBackend", "TcpServer", "TcpWriter"]
 
 _MAGIC = b"ELT1"
+_HELLO = struct.Struct("<4sH")
+_HELLO_MAGIC = b"ELTH"
 _HEADER = struct.Struct("<4sIQ")
 _ENTRY = struct.Struct("<HQQ")
 _REPLY = struct.Struct("<BI")
@@ -78,8 +92,14 @@ class TcpServer(TransportServer):
         if not pool.on_host:
             raise TransportUnavailable(f"tcp: needs a host-memory pool, not one on {pool.device}")
         self._sock: socket.socket | None = None
-        self._conns: set[socket.socket] = set()
-        self._conn_threads: set[threading.Thread] = set()
+        #: open connection -> its link token (None until its hello was read)
+        self._conns: dict[socket.socket, str | None] = {}
+        #: open connection -> the thread serving it
+        self._serving: dict[socket.socket, threading.Thread] = {}
+        #: tokens whose writes are admitted: offered and not fenced ("" always)
+        self._admitted: set[str] = {""}
+        #: fenced token -> (threads still serving it, its done callback)
+        self._fences: dict[str, tuple[set[threading.Thread], Callable[[], None]]] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -105,6 +125,30 @@ class TcpServer(TransportServer):
     def offer(self) -> TransportOffer:
         return TransportOffer("tcp", {"host": self.host, "port": str(self.port)})
 
+    def offer_for(self, peer: str) -> TransportOffer:
+        with self._lock:
+            self._admitted.add(peer)
+        return TransportOffer("tcp", {"host": self.host, "port": str(self.port), "token": peer})
+
+    def fence(self, peer: str, done: Callable[[], None], *, gone: bool = False) -> bool:
+        if not peer:
+            return False  # the shared default link cannot be told apart
+        with self._lock:
+            self._admitted.discard(peer)
+            victims = [c for c, tok in self._conns.items() if tok == peer]
+            threads = {self._serving[c] for c in victims if c in self._serving}
+            if threads:
+                self._fences[peer] = (threads, done)
+        for c in victims:
+            try:
+                # wakes a thread blocked in recv (a stalled link) with EOF
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if not threads:
+            done()
+        return True
+
     def close(self) -> None:
         if self._closed.is_set():
             return
@@ -119,7 +163,7 @@ class TcpServer(TransportServer):
             self._thread.join(timeout=5)  # no connection is added after this
         with self._lock:
             conns = list(self._conns)
-            threads = list(self._conn_threads)
+            threads = list(self._serving.values())
         for c in conns:
             try:
                 c.shutdown(socket.SHUT_RDWR)
@@ -144,12 +188,35 @@ class TcpServer(TransportServer):
                 target=self._serve, args=(conn,), name="embedlink-tcp-conn", daemon=True
             )
             with self._lock:
-                self._conns.add(conn)
-                self._conn_threads.add(t)
+                self._conns[conn] = None
+                self._serving[conn] = t
             t.start()
+
+    def _admit(self, conn: socket.socket) -> str | None:
+        """Read the connection's hello; its token if admitted, else None."""
+        magic, n = _HELLO.unpack(_recv_exact(conn, _HELLO.size))
+        if magic != _HELLO_MAGIC:
+            raise ConnectionError("the connection did not open with a hello")
+        token = _recv_exact(conn, n).decode(errors="replace")
+        with self._lock:
+            # under the lock: a fence either sees this connection or refused it
+            if token not in self._admitted:
+                return None
+            self._conns[conn] = token
+        return token
 
     def _serve(self, conn: socket.socket) -> None:
         try:
+            try:
+                token = self._admit(conn)
+            except ConnectionError as exc:
+                log.warning("tcp: closing a connection: %s", exc)
+                return
+            if token is None:
+                # a fenced (or never offered) link: tell it why, and hang up
+                msg = b"this link was fenced: the receiver declared its sender dead"
+                conn.sendall(_REPLY.pack(2, len(msg)) + msg)
+                return
             while not self._closed.is_set():
                 try:
                     head = _recv_exact(conn, _HEADER.size)
@@ -171,14 +238,28 @@ class TcpServer(TransportServer):
                     self._drain(conn, payload)
                     msg = problem.encode()
                     conn.sendall(_REPLY.pack(1, len(msg)) + msg)
-        except OSError as exc:
+        except (OSError, ConnectionError) as exc:
             if not self._closed.is_set():
                 log.info("tcp: connection ended: %s", exc)
         finally:
-            with self._lock:
-                self._conns.discard(conn)
-                self._conn_threads.discard(threading.current_thread())
-            conn.close()
+            self._ended(conn)
+
+    def _ended(self, conn: socket.socket) -> None:
+        """A serving thread is done: nothing more lands through ``conn``."""
+        me = threading.current_thread()
+        settled: Callable[[], None] | None = None
+        with self._lock:
+            token = self._conns.pop(conn, None)
+            self._serving.pop(conn, None)
+            fence = self._fences.get(token) if token else None
+            if fence is not None:
+                fence[0].discard(me)
+                if not fence[0]:
+                    del self._fences[token]  # type: ignore[arg-type]
+                    settled = fence[1]
+        conn.close()
+        if settled is not None:
+            settled()
 
     def _check(self, entries: list[tuple[int, int, int]], payload: int) -> str | None:
         total = 0
@@ -216,8 +297,11 @@ class TcpWriter(PeerWriter):
         regions: dict[str, int],
         field_names: list[str],
         timeout: float,
+        token: str = "",
     ) -> None:
         self.addr = (host, port)
+        raw = token.encode()
+        self._hello = _HELLO.pack(_HELLO_MAGIC, len(raw)) + raw
         self.regions = regions
         self.ids = {name: i for i, name in enumerate(field_names)}
         self.connect_timeout = timeout
@@ -238,6 +322,13 @@ class TcpWriter(PeerWriter):
                 f"tcp: cannot connect to {self.addr[0]}:{self.addr[1]}: {exc}"
             ) from exc
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            s.sendall(self._hello)  # goes out with the first batch (no round trip)
+        except OSError as exc:
+            s.close()
+            raise TransportError(
+                f"tcp: cannot open a link to {self.addr[0]}:{self.addr[1]}: {exc}"
+            ) from exc
         return s
 
     def write(self, copies: Sequence[Copy], src: BufferPool, timeout: float) -> None:
@@ -263,6 +354,9 @@ class TcpWriter(PeerWriter):
             raise TransportError(
                 f"tcp: write to {self.addr[0]}:{self.addr[1]} failed: {exc}"
             ) from exc
+        if status == 2:  # the server hung up after saying so
+            sock.close()
+            raise TransportError(f"tcp: {self.addr[0]}:{self.addr[1]} refused the write: {msg}")
         with self._lock:
             if self._closed:
                 sock.close()
@@ -307,6 +401,7 @@ class TcpBackend:
             regions=regions,
             field_names=field_names,
             timeout=timeout,
+            token=offer.params.get("token", ""),
         )
 
 
