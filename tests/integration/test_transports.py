@@ -122,7 +122,7 @@ def test_tcp_fence_stops_a_link_whose_batch_is_half_delivered():
         w = get_backend("tcp").connect(
             offer, regions=regions_of(pool.layout), field_names=NAMES, timeout=5
         )
-        with pytest.raises(TransportError, match="fenced|failed"):
+        with pytest.raises(TransportError, match=r"fenced|failed"):
             w.write([Copy("token_ids", 0, 0, 4)], src_pool(), timeout=5)
         w.close()
         assert bytes(pool.field_bytes("token_ids")[:4]) == before
