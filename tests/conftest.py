@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pytest
@@ -13,6 +14,11 @@ settings.register_profile(
     "dev", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+# tests/vllm runs in its own environment (scripts/setup_vllm.sh builds it and
+# scripts/test.sh runs it); elsewhere there is nothing to collect there.
+if importlib.util.find_spec("vllm") is None:
+    collect_ignore = ["vllm"]
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["SETTINGS", "Config", "ConfigError", "Setting", "load", "settings_for"]
+__all__ = ["SETTINGS", "Config", "ConfigError", "Setting", "load", "load_mapping", "settings_for"]
 
 ROLES = ("encoder", "language", "bootstrap")
 _ENDPOINTS = frozenset({"encoder", "language"})
@@ -575,6 +575,63 @@ def load(
                 raise ConfigError(s.name, source, problem)
         values[s.name] = value
         sources[s.name] = source
+    _cross_check(values, sources)
+    return Config(role, values, sources)
+
+
+def load_mapping(
+    role: str,
+    mapping: Mapping[str, Any],
+    *,
+    source: str,
+    refuse: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Resolve the settings of ``role`` from a host program's dict (a serving
+    engine's connector config), then ``EMBEDLINK_*`` from ``env`` (default:
+    none), then defaults. Keys are setting names; values may be typed or text
+    (JSON from a command line keeps ``"true"`` and ``"8"`` as strings).
+    ``refuse`` maps setting names the host decides itself to the reason.
+    Raises :class:`ConfigError` naming the key and ``source``: an unknown key
+    (with the nearest name), one for another role, one in ``refuse``, a bad
+    value."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    refuse = refuse or {}
+    given: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if key in refuse:
+            raise ConfigError(key, source, refuse[key])
+        st = _BY_NAME.get(key)
+        if st is None:
+            raise ConfigError(key, source, _unknown(key))
+        if role not in st.roles:
+            raise ConfigError(key, source, f"does not apply to the {role} side")
+        try:
+            if value is None and st.optional:
+                given[key] = None
+            elif isinstance(value, str) and st.type != "str":
+                given[key] = _from_text(st, value)
+            else:
+                given[key] = _from_file(st, value)
+        except ValueError as exc:
+            raise ConfigError(key, source, str(exc)) from None
+    env = {} if env is None else env
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for st in settings_for(role):
+        if st.name in given:
+            value, src = given[st.name], source
+        else:
+            value, src = _resolve(st, role, {}, env, [])
+        if value is None and not st.optional:
+            raise ConfigError(st.name, src, "must be set")
+        if value is not None and st.check is not None:
+            problem = st.check(value)
+            if problem:
+                raise ConfigError(st.name, src, problem)
+        values[st.name] = value
+        sources[st.name] = src
     _cross_check(values, sources)
     return Config(role, values, sources)
 

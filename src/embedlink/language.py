@@ -156,6 +156,7 @@ class _Live:
     #: ``(bootstrap, dp_group)`` while the room waits for its encoder's
     #: address (the resolver looks it up off the caller's thread)
     route: tuple[str, int | None] | None = None
+    on_done: Callable[[RoomId], None] | None = None
 
 
 class Receiver:
@@ -468,6 +469,7 @@ class LanguageEndpoint:
         encoder: str | None = None,
         dp_group: int | None = None,
         tokens: int | None = None,
+        on_done: Callable[[RoomId], None] | None = None,
     ) -> Receiver:
         """Reserve ``default_tokens`` and ask the encoder for ``room``.
 
@@ -483,6 +485,12 @@ class LanguageEndpoint:
         ``room_timeout``) passes. Raises ValueError for a malformed bootstrap
         address, a room id that is still live here or a reservation larger
         than the pool; RuntimeError unless the endpoint is running.
+
+        ``on_done(room)``, when given, is called once when the room ends
+        (``Success`` or ``Failed``), on the endpoint's loop thread or, for an
+        abort, on the aborting thread: it must return at once (hand the room
+        to a queue) and must not call into the endpoint. An exception it
+        raises is logged.
         """
         first = self.default_tokens if tokens is None else tokens
         if not 0 < first <= self.num_blocks * self.block_size:
@@ -516,7 +524,7 @@ class LanguageEndpoint:
             default_tokens=first,
             required_dst_info_num=required,
         )
-        live = _Live(r, None, route=route)
+        live = _Live(r, None, route=route, on_done=on_done)
         with self._lock:
             if room in self._rooms:
                 raise ValueError(
@@ -982,6 +990,11 @@ class LanguageEndpoint:
                     self.metrics.resumes.labels("language").inc()
                 if a.new.is_terminal:
                     live.done.set()  # first: the waiting thread takes a while to wake
+                    if live.on_done is not None:
+                        try:
+                            live.on_done(live.room.room)
+                        except Exception:  # the user's callback must not take the loop down
+                            log.exception("language: on_done(%d) raised", live.room.room)
                     # a thread serving the lane for it, unless that is this one
                     if live.waker is not None and live.waker_thread != threading.get_ident():
                         try:

@@ -1,0 +1,245 @@
+"""vLLM's real Scheduler drives the connector, on both instances: a producer
+(encoder) instance and a consumer (prefill/decode) instance, each with its
+worker-role connector and a real embedlink endpoint, over tcp on loopback.
+
+The one thing only a model can give, the audio tower's output, is stood in
+for by a random tensor of the right shape put into the producer's encoder
+cache (as vLLM's runner does after encoding). Nothing else is a stand-in.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+
+import pytest
+import torch
+
+from tests.vllm.model_dir import make_model_dir, make_request, make_scheduler
+
+from embedlink import BootstrapServer
+
+pytest.importorskip("embedlink.integrations.vllm")
+
+from vllm.config import ECTransferConfig  # noqa: E402
+from vllm.distributed.ec_transfer.ec_connector.base import ECConnectorRole  # noqa: E402
+from vllm.distributed.ec_transfer.ec_connector.factory import ECConnectorFactory  # noqa: E402
+from vllm.v1.engine import FinishReason  # noqa: E402
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput  # noqa: E402
+from vllm.v1.request import RequestStatus  # noqa: E402
+
+WIDTH = 64  # the tiny model's hidden size
+_rooms = itertools.count(int(time.time()) % 100_000 * 1000)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("qwen2-audio-tiny"))
+
+
+class Instance:
+    """One vLLM instance: its real Scheduler (with the scheduler-role
+    connector inside) and a worker-role connector, as one worker process
+    would hold it."""
+
+    def __init__(self, model_dir, role: str, extra: dict) -> None:
+        ec = ECTransferConfig(
+            ec_connector="EmbedlinkECConnector",
+            ec_connector_module_path="embedlink.integrations.vllm",
+            ec_role=role,
+            engine_id=uuid.uuid4().hex,
+            ec_connector_extra_config=extra,
+        )
+        self.sched = make_scheduler(model_dir, ec)
+        self.worker = ECConnectorFactory.create_connector(
+            self.sched.vllm_config, ECConnectorRole.WORKER
+        )
+        self.cache: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, object] = {}
+
+    def step(self, encode=None):
+        """One engine step: schedule, run the worker hooks as vLLM's V1
+        runner does (only when tokens are scheduled; a producer's every
+        step), sample one token per scheduled request, update."""
+        so = self.sched.schedule()
+        w = self.worker
+        ran_hooks = so.total_num_scheduled_tokens > 0 or w.is_producer
+        if ran_hooks:
+            w.bind_connector_metadata(so.ec_connector_metadata)
+            try:
+                if w.is_producer:
+                    w.start_save_caches(encoder_cache=self.cache)
+                    for req_id, inputs in so.scheduled_encoder_inputs.items():
+                        req = self.sched.requests[req_id]
+                        for i in inputs:
+                            ident = req.mm_features[i].identifier
+                            self.cache[ident] = encode(ident, req.get_num_encoder_embeds(i))
+                            w.save_caches(encoder_cache=self.cache, mm_hash=ident)
+                else:
+                    w.start_load_caches(self.cache)
+            finally:
+                w.clear_connector_metadata()
+        ids = list(so.num_scheduled_tokens)
+        if ids:
+            mro = ModelRunnerOutput(
+                req_ids=ids,
+                req_id_to_index={r: i for i, r in enumerate(ids)},
+                sampled_token_ids=[[7] for _ in ids],
+            )
+        else:
+            mro = EMPTY_MODEL_RUNNER_OUTPUT
+        for outs in self.sched.update_from_output(so, mro).values():
+            for o in outs.outputs:
+                if o.finish_reason is not None:
+                    self.outputs[o.request_id] = o
+        return so
+
+    def close(self):
+        self.worker.shutdown()
+        self.sched.shutdown()
+
+
+@pytest.fixture
+def pair(model_dir):
+    with BootstrapServer(host="127.0.0.1", port=0) as boot:
+        common = {"bootstrap": boot.address, "transports": ["tcp"], "block_size": 16}
+        prod = Instance(model_dir, "ec_producer", {**common, "num_blocks": 256})
+        # a consumer pool of 8 x 16 rows: larger items arrive through resumes
+        cons = Instance(
+            model_dir,
+            "ec_consumer",
+            {**common, "num_blocks": 8, "default_tokens": 64, "room_timeout": 4.0},
+        )
+        try:
+            yield prod, cons
+        finally:
+            cons.close()
+            prod.close()
+
+
+def run_until(inst, done, what, *, timeout=60.0, **kw):
+    t0 = time.monotonic()
+    steps = []
+    while not done():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{what}: not after {timeout}s ({len(steps)} steps)")
+        steps.append(inst.step(**kw))
+        time.sleep(0.002)  # a real engine steps this fast when only waiting
+    return steps
+
+
+def tensors():
+    made: dict[str, torch.Tensor] = {}
+
+    def encode(ident, rows):
+        made[ident] = torch.randn(rows, WIDTH, dtype=torch.float16)
+        return made[ident]
+
+    return made, encode
+
+
+def produce(prod, rid, items, rooms):
+    """Run a request through the producer instance; its ec_transfer_params."""
+    made, encode = tensors()
+    prod.sched.add_request(
+        make_request(rid, 200, items, {"embedlink": {"rooms": rooms}}, max_tokens=1)
+    )
+    run_until(prod, lambda: rid in prod.outputs, f"producer request {rid}", encode=encode)
+    out = prod.outputs[rid]
+    assert out.ec_transfer_params["embedlink"]["rooms"] == rooms
+    return out.ec_transfer_params, made
+
+
+def pools_free(*insts):
+    def free():
+        usages = []
+        for inst in insts:
+            part = inst.worker._consumer or inst.worker._producer
+            usages.append(part.ep.pool_usage()[0])
+        return all(u == 0 for u in usages)
+
+    return free
+
+
+def wait_for(cond, what, timeout=30.0):
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, what
+        time.sleep(0.01)
+
+
+def test_a_request_waits_for_its_items_then_runs_with_nothing_to_encode(pair):
+    prod, cons = pair
+    rooms = [next(_rooms), next(_rooms)]
+    # 150 rows: more than the consumer's whole pool (128): it arrives through resumes
+    items = [("aud-a", 4, 150), ("aud-b", 160, 30)]
+    params, made = produce(prod, "p1", items, rooms)
+    cons.sched.add_request(make_request("c1", 200, items, params, max_tokens=2))
+    steps = run_until(cons, lambda: "c1" in cons.outputs, "consumer request c1")
+    # deferred (nothing scheduled) until both items had arrived ...
+    assert steps[0].total_num_scheduled_tokens == 0
+    first = next(s for s in steps if s.total_num_scheduled_tokens)
+    # ... then admitted with nothing left to encode: both came from embedlink
+    assert not first.scheduled_encoder_inputs
+    for ident, t in made.items():
+        assert torch.equal(cons.cache[ident], t), ident  # byte-identical
+    out = cons.outputs["c1"]
+    assert out.finish_reason == FinishReason.LENGTH
+    wait_for(pools_free(prod, cons), "pools free after the request finished")
+    assert cons.worker._consumer.held == 0
+
+
+def test_a_failed_room_ends_the_request_with_finish_reason_error(pair):
+    prod, cons = pair
+    # the producer never hears of this room: the consumer's room times out
+    params = {"embedlink": {"rooms": [next(_rooms)], "bootstrap": cons.worker._bootstrap}}
+    cons.sched.add_request(make_request("lost", 100, [("aud-x", 4, 20)], params))
+    ok_rooms = [next(_rooms)]
+    ok_params, _ = produce(prod, "p-ok", [("aud-y", 4, 20)], ok_rooms)
+    cons.sched.add_request(make_request("fine", 100, [("aud-y", 4, 20)], ok_params))
+    run_until(cons, lambda: {"lost", "fine"} <= set(cons.outputs), "both requests end")
+    assert cons.outputs["lost"].finish_reason == FinishReason.ERROR
+    assert cons.outputs["fine"].finish_reason == FinishReason.LENGTH  # the engine served on
+    wait_for(pools_free(prod, cons), "pools free")
+
+
+def test_a_row_count_mismatch_fails_only_that_request(pair):
+    prod, cons = pair
+    rooms = [next(_rooms)]
+    params, _ = produce(prod, "p-rows", [("aud-r", 4, 30)], rooms)
+    # the consumer's request says 20 placeholders for what was encoded as 30 rows
+    cons.sched.add_request(make_request("rows", 100, [("aud-r", 4, 20)], params))
+    run_until(cons, lambda: "rows" in cons.outputs, "the mismatched request ends")
+    assert cons.outputs["rows"].finish_reason == FinishReason.ERROR
+    assert "aud-r" not in cons.cache  # nothing was written into the cache
+    wait_for(pools_free(prod, cons), "pools free")
+
+
+def test_an_aborted_request_leaves_both_pools_free(pair):
+    prod, cons = pair
+    rooms = [next(_rooms)]
+    cons.sched.add_request(
+        make_request("gone", 100, [("aud-z", 4, 20)], {"embedlink": {"rooms": rooms}})
+    )
+    cons.step()  # opens the room on the worker: it waits for the producer
+    wait_for(lambda: cons.worker._consumer.ep.pool_usage()[0] > 0, "the room reserved blocks")
+    cons.sched.finish_requests("gone", RequestStatus.FINISHED_ABORTED)
+    wait_for(pools_free(cons), "the consumer pool is free after the abort")
+    # the producer's late output for it is dropped, and its pool frees too
+    produce(prod, "p-late", [("aud-z", 4, 20)], rooms)
+    wait_for(pools_free(prod), "the producer pool is free")
+
+
+def test_the_same_item_in_two_concurrent_requests(pair):
+    prod, cons = pair
+    items = [("aud-same", 4, 40)]
+    pa, made = produce(prod, "pa", items, [next(_rooms)])
+    pb, _ = produce(prod, "pb", items, [next(_rooms)])
+    cons.sched.add_request(make_request("ca", 100, items, pa))
+    cons.sched.add_request(make_request("cb", 100, items, pb))
+    run_until(cons, lambda: {"ca", "cb"} <= set(cons.outputs), "both requests end")
+    assert cons.outputs["ca"].finish_reason == FinishReason.LENGTH
+    assert cons.outputs["cb"].finish_reason == FinishReason.LENGTH
+    assert torch.equal(cons.cache["aud-same"], made["aud-same"])
+    wait_for(pools_free(prod, cons), "pools free")
