@@ -137,6 +137,7 @@ def make_scheduler(
     encoder_cache_size: int | None = None,
     max_num_seqs: int = 16,
     log_stats: bool = True,
+    tensor_parallel_size: int = 1,
 ) -> Scheduler:
     """A real vLLM ``Scheduler`` for ``model_dir`` (see make_model_dir).
 
@@ -147,7 +148,7 @@ def make_scheduler(
     is rebuilt (same class) with exactly that many slots.
     """
     import torch
-    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, VllmConfig
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.structured_output import StructuredOutputManager
@@ -172,6 +173,9 @@ def make_scheduler(
         model_config=model_config,
         scheduler_config=scheduler_config,
         cache_config=cache_config,
+        # the scheduler only counts the ranks (its connector expects one
+        # answer from each); no process group is made here
+        parallel_config=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
         ec_transfer_config=ec_transfer_config,
     )
     kv_cache_config = KVCacheConfig(

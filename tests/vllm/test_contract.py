@@ -11,7 +11,6 @@ import json
 import uuid
 
 import pytest
-
 from tests.vllm.model_dir import make_model_dir, make_scheduler
 
 from embedlink import BootstrapServer
@@ -65,9 +64,7 @@ def _hooks():
 @pytest.mark.parametrize("name", [n for n, _ in _hooks()])
 def test_each_override_has_the_base_signature(name):
     def shape(fn):
-        return [
-            (p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()
-        ]
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 
     assert shape(getattr(Conn, name)) == shape(getattr(ECConnectorBase, name)), name
 
@@ -197,7 +194,12 @@ def test_tripwire_the_v1_runner_mixin_calls_the_worker_hooks():
     from vllm.v1.worker.ec_connector_model_runner_mixin import ECConnectorModelRunnerMixin
 
     src = _source(ECConnectorModelRunnerMixin)
-    for call in ("start_load_caches(", "start_save_caches(", "save_caches(", "bind_connector_metadata("):
+    for call in (
+        "start_load_caches(",
+        "start_save_caches(",
+        "save_caches(",
+        "bind_connector_metadata(",
+    ):
         assert call in src, f"the V1 runner mixin no longer calls {call}"
 
 
@@ -205,7 +207,12 @@ def test_tripwire_the_v2_runner_calls_the_worker_hooks():
     from vllm.v1.worker.gpu.ec_connector import ActiveECConnector
 
     src = _source(ActiveECConnector)
-    for call in ("start_load_caches(", "start_save_caches(", "save_caches(", "bind_connector_metadata("):
+    for call in (
+        "start_load_caches(",
+        "start_save_caches(",
+        "save_caches(",
+        "bind_connector_metadata(",
+    ):
         assert call in src, f"V2's ActiveECConnector no longer calls {call}"
 
 

@@ -15,19 +15,18 @@ import uuid
 
 import pytest
 import torch
-
 from tests.vllm.model_dir import make_model_dir, make_request, make_scheduler
 
 from embedlink import BootstrapServer
 
 pytest.importorskip("embedlink.integrations.vllm")
 
-from vllm.config import ECTransferConfig  # noqa: E402
-from vllm.distributed.ec_transfer.ec_connector.base import ECConnectorRole  # noqa: E402
-from vllm.distributed.ec_transfer.ec_connector.factory import ECConnectorFactory  # noqa: E402
-from vllm.v1.engine import FinishReason  # noqa: E402
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput  # noqa: E402
-from vllm.v1.request import RequestStatus  # noqa: E402
+from vllm.config import ECTransferConfig
+from vllm.distributed.ec_transfer.ec_connector.base import ECConnectorRole
+from vllm.distributed.ec_transfer.ec_connector.factory import ECConnectorFactory
+from vllm.v1.engine import FinishReason
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+from vllm.v1.request import RequestStatus
 
 WIDTH = 64  # the tiny model's hidden size
 _rooms = itertools.count(int(time.time()) % 100_000 * 1000)

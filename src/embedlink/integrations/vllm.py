@@ -166,6 +166,13 @@ class EmbedlinkECConnector(ECConnectorBase):  # type: ignore[misc]
         self._tp_rank = _tp_rank(int(getattr(par, "rank", 0)), self._tp_size)
         refused = dict(_REFUSED)
         given = {k: v for k, v in extra.items() if k not in ("tp_size",)}
+        if side == "language" and "default_tokens" not in given:
+            # each room reserves its item's size; this only has to fit the pool
+            probe = _config.load_mapping(
+                side, {**given, "default_tokens": 1}, source=_EXTRA, refuse=refused
+            )
+            pool = probe["num_blocks"] * probe["block_size"]
+            given["default_tokens"] = min(1024, pool)
         self.settings = _config.load_mapping(side, given, source=_EXTRA, refuse=refused)
         v = self.settings.values
         self._bootstrap: str | None = v["bootstrap"]
