@@ -141,12 +141,15 @@ def tensors():
 def produce(prod, rid, items, rooms):
     """Run a request through the producer instance; its ec_transfer_params."""
     made, encode = tensors()
-    prod.sched.add_request(
-        make_request(rid, 200, items, {"embedlink": {"rooms": rooms}}, max_tokens=1)
-    )
+    mine = {} if rooms is None else {"rooms": rooms}
+    prod.sched.add_request(make_request(rid, 200, items, {"embedlink": mine}, max_tokens=1))
     run_until(prod, lambda: rid in prod.outputs, f"producer request {rid}", encode=encode)
     out = prod.outputs[rid]
-    assert out.ec_transfer_params["embedlink"]["rooms"] == rooms
+    got = out.ec_transfer_params["embedlink"]["rooms"]
+    if rooms is None:  # the producer gave each item a room of its own
+        assert len(set(got)) == len(items), got
+    else:
+        assert got == rooms
     return out.ec_transfer_params, made
 
 
@@ -242,3 +245,18 @@ def test_the_same_item_in_two_concurrent_requests(pair):
     assert cons.outputs["cb"].finish_reason == FinishReason.LENGTH
     assert torch.equal(cons.cache["aud-same"], made["aud-same"])
     wait_for(pools_free(prod, cons), "pools free")
+
+
+def test_the_producer_assigns_rooms_when_the_router_gives_none(pair):
+    """A proxy need not count a request's items: it sends an empty
+    ``{"embedlink": {}}`` and passes on what the producer returns."""
+    prod, cons = pair
+    items = [("aud-p", 4, 40), ("aud-q", 50, 40)]
+    params, made = produce(prod, "p-auto", items, None)
+    again, _ = produce(prod, "p-auto-2", items, None)
+    assert not set(params["embedlink"]["rooms"]) & set(again["embedlink"]["rooms"])
+    cons.sched.add_request(make_request("c-auto", 100, items, params))
+    run_until(cons, lambda: "c-auto" in cons.outputs, "the request ends")
+    assert cons.outputs["c-auto"].finish_reason == FinishReason.LENGTH
+    for ident, t in made.items():
+        assert torch.equal(cons.cache[ident], t)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import secrets
 import select
 import socket
 import threading
@@ -92,9 +93,13 @@ class Params:
     dp_group: int | None
 
 
-def parse_params(params: Mapping[str, Any] | None, n_items: int) -> Params | None:
+def parse_params(
+    params: Mapping[str, Any] | None, n_items: int, *, assign: bool = False
+) -> Params | None:
     """embedlink's part of a request's transfer params, or None when the
-    request has none (it is not one of ours). Raises :class:`ParamsError`."""
+    request has none (it is not one of ours). ``assign``: without ``rooms``,
+    give each item a fresh room id (a producer does: whoever routes the
+    request then need not count its items). Raises :class:`ParamsError`."""
     if not params:
         return None
     mine = params.get(PARAMS_KEY)
@@ -103,6 +108,10 @@ def parse_params(params: Mapping[str, Any] | None, n_items: int) -> Params | Non
     if not isinstance(mine, Mapping):
         raise ParamsError(f"transfer params[{PARAMS_KEY!r}] must be an object, got {mine!r}")
     rooms = mine.get("rooms")
+    if rooms is None and assign:
+        # private randomness, as for epochs: ids no two requests share
+        base = secrets.randbits(61) << 1
+        rooms = [base + i for i in range(n_items)]
     if not isinstance(rooms, list | tuple) or not all(
         isinstance(r, int) and not isinstance(r, bool) and 0 <= r < 1 << 63 for r in rooms
     ):
@@ -583,7 +592,7 @@ class ProducerScheduler:
         if rid in self._reqs or rid in self._unavailable:
             return
         try:
-            p = parse_params(params, len(items))
+            p = parse_params(params, len(items), assign=True)
         except ParamsError as exc:
             self._unavailable[rid] = str(exc)
             log.warning("embedlink: request %s fails: %s", rid, exc)
