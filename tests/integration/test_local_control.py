@@ -154,9 +154,9 @@ def test_a_request_from_a_callers_thread_never_overtakes_the_registration(monkey
 
     slow = LanguageEndpoint._register
 
-    def register(self):
+    def register(self, enc):
         time.sleep(0.05)  # lets the callers' threads run, holding no lock
-        return slow(self)
+        return slow(self, enc)
 
     monkeypatch.setattr(LanguageEndpoint, "_register", register)
     with (
