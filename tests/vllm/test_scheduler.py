@@ -260,3 +260,64 @@ def test_the_producer_assigns_rooms_when_the_router_gives_none(pair):
     assert cons.outputs["c-auto"].finish_reason == FinishReason.LENGTH
     for ident, t in made.items():
         assert torch.equal(cons.cache[ident], t)
+
+
+def _consumer(model_dir, boot_address):
+    return Instance(
+        model_dir,
+        "ec_consumer",
+        {
+            "bootstrap": boot_address,
+            "transports": ["tcp"],
+            "block_size": 16,
+            "num_blocks": 8,
+            "room_timeout": 4.0,
+        },
+    )
+
+
+def test_one_producer_serves_two_consumers(pair, model_dir):
+    prod, cons = pair
+    other = _consumer(model_dir, cons.worker._bootstrap)
+    try:
+        items = [("aud-shared", 4, 40)]
+        pa, made = produce(prod, "pa2", items, None)
+        pb, _ = produce(prod, "pb2", items, None)
+        cons.sched.add_request(make_request("ca2", 100, items, pa))
+        other.sched.add_request(make_request("cb2", 100, items, pb))
+        t0 = time.monotonic()
+        while not ("ca2" in cons.outputs and "cb2" in other.outputs):
+            assert time.monotonic() - t0 < 60, "both consumers' requests end"
+            cons.step()
+            other.step()
+            time.sleep(0.002)
+        for inst, rid in ((cons, "ca2"), (other, "cb2")):
+            assert inst.outputs[rid].finish_reason == FinishReason.LENGTH
+            assert torch.equal(inst.cache["aud-shared"], made["aud-shared"])
+        wait_for(pools_free(prod, cons, other), "pools free")
+    finally:
+        other.close()
+
+
+def test_a_restarted_consumer_is_served(pair, model_dir):
+    """A consumer instance goes away with a request still waiting; a new one
+    (new sessions, the same producer) gets its requests through at once, and
+    the producer gives back what it held for the old one."""
+    prod, cons = pair
+    boot = cons.worker._bootstrap
+    first = _consumer(model_dir, boot)
+    items = [("aud-r1", 4, 40)]
+    p1, _ = produce(prod, "p-before", items, None)
+    first.sched.add_request(make_request("c-before", 100, items, p1))
+    first.step()  # its worker opens the room; the data starts to flow
+    first.close()  # the instance is gone (its endpoints closed)
+    again = _consumer(model_dir, boot)
+    try:
+        p2, made = produce(prod, "p-after", [("aud-r2", 4, 40)], None)
+        again.sched.add_request(make_request("c-after", 100, [("aud-r2", 4, 40)], p2))
+        run_until(again, lambda: "c-after" in again.outputs, "the new consumer's request")
+        assert again.outputs["c-after"].finish_reason == FinishReason.LENGTH
+        assert torch.equal(again.cache["aud-r2"], made["aud-r2"])
+        wait_for(pools_free(prod, again), "pools free")
+    finally:
+        again.close()

@@ -1,0 +1,174 @@
+"""The engine-independent halves of the serving-engine adapters
+(embedlink.integrations._plane), with real endpoints on loopback and no
+engine: what the vLLM tier relies on, tested where vLLM is not installed."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from embedlink import Embedding, EncoderEndpoint, LanguageEndpoint, Status
+from embedlink.integrations._plane import (
+    ConsumerScheduler,
+    ConsumerWorker,
+    Item,
+    Mailbox,
+    ParamsError,
+    ProducerWorker,
+    embedding_schema,
+    parse_params,
+)
+
+pytestmark = pytest.mark.timeout(60)
+W = 32
+SCHEMA = embedding_schema(W, "bfloat16")
+
+
+def wait_for(cond, what, timeout=20.0):
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, what
+        time.sleep(0.005)
+
+
+def rows(n, seed):
+    return np.random.default_rng(seed).random((n, W), dtype=np.float32).astype(ml_dtypes.bfloat16)
+
+
+def test_a_mailbox_keeps_what_its_peer_cannot_take_yet_in_order():
+    name = f"el-test-{uuid.uuid4().hex}"
+    a = Mailbox(name + "-a").open()
+    try:
+        for i in range(5):
+            a.post(name + "-b", {"i": i})  # b is not bound yet: nothing blocks
+        assert a.waiting == 5
+        b = Mailbox(name + "-b").open()
+        try:
+            a.flush()
+            got: list[int] = []
+            wait_for(lambda: got.extend(m["i"] for m in b.receive(0.01)) or len(got) == 5, "all 5")
+            assert got == [0, 1, 2, 3, 4] and a.waiting == 0
+        finally:
+            b.close()
+    finally:
+        a.close()
+
+
+def test_a_second_instance_with_the_same_name_is_refused_clearly():
+    name = f"el-test-{uuid.uuid4().hex}"
+    a = Mailbox(name).open()
+    try:
+        with pytest.raises(RuntimeError, match="same engine_id"):
+            Mailbox(name).open()
+    finally:
+        a.close()
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"embedlink": []}, "must be an object"),
+        ({"embedlink": {"rooms": "1,2"}}, "list of room ids"),
+        ({"embedlink": {"rooms": [1, -2]}}, "list of room ids"),
+        ({"embedlink": {"rooms": [1]}}, "1 rooms for the request's 2"),
+        ({"embedlink": {"rooms": [1, 2], "dp_group": "x"}}, "dp_group"),
+    ],
+)
+def test_bad_params_are_refused_naming_the_field(params, match):
+    with pytest.raises(ParamsError, match=match):
+        parse_params(params, 2)
+
+
+def test_requests_without_our_params_are_not_ours():
+    assert parse_params(None, 1) is None
+    assert parse_params({"other": 1}, 1) is None
+    p = parse_params({"embedlink": {}}, 3, assign=True)
+    assert p is not None and len(set(p.rooms)) == 3
+
+
+def test_a_consumer_with_bad_params_fails_that_request_only(boot):
+    eid = uuid.uuid4().hex
+    sched = ConsumerScheduler(
+        mailbox=f"el-{eid}-s", workers=[f"el-{eid}-w0"], bootstrap=boot.address, deadline=30
+    ).start()
+    try:
+        items = [Item("a", 4, 10)]
+        assert sched.ensure("not-ours", None, items, 0) is True
+        assert sched.ensure("bad", {"embedlink": {"rooms": [1, 2]}}, items, 0) is False
+        assert sched.ensure("fine", {"embedlink": {"rooms": [7]}}, items, 0) is False  # waits
+        failed = sched.take_unavailable()
+        assert list(failed) == ["bad"] and "2 rooms" in failed["bad"]
+        assert sched.take_unavailable() == {}  # each once
+    finally:
+        sched.close()
+
+
+def test_the_producer_never_holds_its_caller_and_bounds_its_backlog(boot):
+    """The caller's hooks only queue: with the encoder pool full and nobody
+    receiving, every call returns; past ``max_pending`` waiting items a room
+    is refused at once with the reason, which its receiver then sees."""
+    enc = EncoderEndpoint(
+        SCHEMA, bootstrap=boot.address, transports=("tcp",), num_blocks=2, block_size=16
+    )
+    prod = ProducerWorker(enc, max_pending=2).start()
+    lang = LanguageEndpoint(
+        SCHEMA, transports=("tcp",), num_blocks=64, block_size=16, default_tokens=64
+    )
+    lang.start()
+    try:
+        sends = [(100 + i, f"img-{i}", 30) for i in range(8)]
+        prod.plan(sends)
+        cache = {f"img-{i}": rows(30, i) for i in range(8)}
+        prod.offer(cache)  # returns: the copies wait on the producer's thread
+        assert prod.refused >= 1
+        # a receiver of a refused room is told why
+        refused = [lang.receiver(bootstrap=boot.address, room=100 + i) for i in range(8)]
+        wait_for(lambda: all(r.poll().is_terminal for r in refused), "every room ends")
+        reasons = [r.failure_reason for r in refused if r.poll() is Status.Failed]
+        assert any("backlog" in (why or "") for why in reasons), reasons
+        ok = [r for r in refused if r.poll() is Status.Success]
+        assert ok, "the rooms that were not refused arrive"
+        for r in refused:
+            r.clear()
+        wait_for(lambda: lang.pool_usage()[0] == 0, "the language pool is free")
+    finally:
+        prod.close()
+        lang.close()
+
+
+def test_a_consumer_worker_reports_a_row_count_mismatch_and_frees_the_room(boot):
+    eid = uuid.uuid4().hex
+    names = (f"el-{eid}-s", f"el-{eid}-w0")
+    sched = ConsumerScheduler(
+        mailbox=names[0], workers=[names[1]], bootstrap=boot.address, deadline=30
+    ).start()
+    worker = ConsumerWorker(
+        LanguageEndpoint(
+            SCHEMA, transports=("tcp",), num_blocks=8, block_size=16, default_tokens=64
+        ),
+        rank=0,
+        mailbox=names[1],
+        scheduler=names[0],
+        to_tensor=np.array,
+    ).start()
+    enc = EncoderEndpoint(
+        SCHEMA, bootstrap=boot.address, transports=("tcp",), num_blocks=16, block_size=16
+    ).start()
+    try:
+        items = [Item("a", 20, 30)]
+        assert not sched.ensure("r", {"embedlink": {"rooms": [5]}}, items, 0)
+        enc.sender(5).send(Embedding(embedding=rows(30, 1)))  # 30 rows, not 20
+        failed: dict[str, str] = {}
+        wait_for(lambda: failed.update(sched.take_unavailable()) or failed, "the request fails")
+        assert "30 embedding rows" in failed["r"] and "20 placeholders" in failed["r"], failed
+        assert not sched.has_item("a")
+        sched.finished("r")
+        wait_for(lambda: worker.ep.pool_usage()[0] == 0 and worker.held == 0, "room let go")
+    finally:
+        worker.close()
+        sched.close()
+        enc.close()
