@@ -649,6 +649,72 @@ def language(config_file: str | None, print_config: bool, **flags: Any) -> None:
         raise SystemExit(1)
 
 
+@main.command("vllm-proxy")
+@click.option(
+    "--encoder",
+    "encoders",
+    multiple=True,
+    required=True,
+    help="Base URL of a vLLM encoder instance (ec_producer), e.g. http://10.0.0.1:8001 "
+    "(repeatable: round-robin).",
+)
+@click.option(
+    "--prefill",
+    "prefills",
+    multiple=True,
+    required=True,
+    help="Base URL of a vLLM prefill/decode instance (ec_consumer) (repeatable: round-robin; "
+    "/v1/models and /health go to the first).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port to listen on (0: any free one; the line printed at start names it).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="Seconds for each encoder call, and for each prefill call's wait for the next byte.",
+)
+def vllm_proxy(
+    encoders: tuple[str, ...], prefills: tuple[str, ...], host: str, port: int, timeout: float
+) -> None:
+    """Route OpenAI requests to vLLM encoder and prefill instances until
+    interrupted (SIGINT or SIGTERM).
+
+    A request with images, audio or video goes to an encoder instance first
+    (one output token); the prefill instance then gets the original request
+    with the encoder's ec_transfer_params, and its answer (streamed or not)
+    goes back to the client. Text-only requests go straight to a prefill
+    instance. See the embedlink.vllm_proxy module for the details.
+    """
+    from .vllm_proxy import check_url, run
+
+    for flag, urls in (("--encoder", encoders), ("--prefill", prefills)):
+        for url in urls:
+            try:
+                check_url(url)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint=flag) from None
+
+    def ready(where: str) -> None:
+        click.echo(
+            f"embedlink vllm proxy on {where} (encoders {', '.join(encoders)}; "
+            f"prefill {', '.join(prefills)})"
+        )
+
+    try:
+        run(encoders, prefills, host=host, port=port, timeout=timeout, on_ready=ready)
+    except OSError as exc:
+        raise click.ClickException(f"vllm proxy failed to start: {exc}") from None
+    click.echo("stopped")
+
+
 @main.command()
 @click.argument("address")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
