@@ -103,7 +103,12 @@ class Instance:
 def pair(model_dir):
     with BootstrapServer(host="127.0.0.1", port=0) as boot:
         common = {"bootstrap": boot.address, "transports": ["tcp"], "block_size": 16}
-        prod = Instance(model_dir, "ec_producer", {**common, "num_blocks": 256})
+        # A producer room nobody ever asks for (a consumer that went away
+        # before its worker opened it) is given up at the producer's own
+        # deadline: keep it short here, so the pools are seen free.
+        prod = Instance(
+            model_dir, "ec_producer", {**common, "num_blocks": 256, "room_timeout": 8.0}
+        )
         # a consumer pool of 8 x 16 rows: larger items arrive through resumes
         cons = Instance(
             model_dir,
@@ -164,7 +169,7 @@ def pools_free(*insts):
     return free
 
 
-def wait_for(cond, what, timeout=30.0):
+def wait_for(cond, what, timeout=45.0):
     t0 = time.monotonic()
     while not cond():
         assert time.monotonic() - t0 < timeout, what
@@ -302,7 +307,8 @@ def test_one_producer_serves_two_consumers(pair, model_dir):
 def test_a_restarted_consumer_is_served(pair, model_dir):
     """A consumer instance goes away with a request still waiting; a new one
     (new sessions, the same producer) gets its requests through at once, and
-    the producer gives back what it held for the old one."""
+    the producer gives back what it held for the old one (at once when the old
+    consumer had asked for it, else at the producer's room deadline)."""
     prod, cons = pair
     boot = cons.worker._bootstrap
     first = _consumer(model_dir, boot)
