@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import secrets
 import select
@@ -198,12 +199,14 @@ class Mailbox:
     def waiting(self) -> int:
         return len(self._outbox)
 
-    def receive(self, timeout: float = 0.0) -> list[dict[str, Any]]:
-        """What has arrived, waiting up to ``timeout`` seconds for the first."""
+    def receive(self, timeout: float = 0.0, *, also: int | None = None) -> list[dict[str, Any]]:
+        """What has arrived, waiting up to ``timeout`` seconds for the first
+        (or for descriptor ``also`` to become readable)."""
         if self._sock is None:
             return []
         if timeout > 0:
-            select.select([self._sock], [], [], timeout)
+            fds = [self._sock.fileno()] if also is None else [self._sock.fileno(), also]
+            select.select(fds, [], [], timeout)
         out: list[dict[str, Any]] = []
         while True:
             try:
@@ -441,12 +444,15 @@ class ConsumerWorker:
         self._rcvs: dict[int, tuple[Receiver, Item]] = {}
         self._ready: dict[int, Any] = {}
         self._done: queue.SimpleQueue[int] = queue.SimpleQueue()
+        #: an eventfd written when a room ends, so the thread wakes at once
+        self._wake = -1
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
         self.received = 0
         self.failed = 0
 
     def start(self) -> ConsumerWorker:
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.ep.start()
         self._box.open()
         self._thread = threading.Thread(
@@ -463,6 +469,9 @@ class ConsumerWorker:
             self._thread.join(timeout=10)
         self._box.close()
         self.ep.close()
+        if self._wake >= 0:
+            os.close(self._wake)
+            self._wake = -1
         self._ready.clear()
 
     def load(self, cache: dict[str, Any], loads: Mapping[str, int]) -> list[str]:
@@ -487,8 +496,12 @@ class ConsumerWorker:
     def _serve(self) -> None:
         while not self._closed.is_set():
             try:
-                for msg in self._box.receive(timeout=0.02):
+                for msg in self._box.receive(timeout=0.1, also=self._wake):
                     self._handle(msg)
+                try:
+                    os.eventfd_read(self._wake)
+                except BlockingIOError:
+                    pass
                 while True:
                     try:
                         room = self._done.get_nowait()
@@ -518,12 +531,20 @@ class ConsumerWorker:
                 bootstrap=msg.get("bootstrap"),
                 dp_group=msg.get("dp_group"),
                 tokens=max(1, min(item.num_embeds, pool)),
-                on_done=self._done.put,
+                on_done=self._ended,
             )
         except Exception as exc:
             self._report(room, f"cannot open the room: {exc}")
             return
         self._rcvs[room] = (rcv, item)
+
+    def _ended(self, room: int) -> None:
+        # the endpoint's loop thread: hand over and wake ours, nothing more
+        self._done.put(room)
+        try:
+            os.eventfd_write(self._wake, 1)
+        except OSError:
+            pass  # closed meanwhile
 
     def _finish(self, room: int) -> None:
         hit = self._rcvs.get(room)
