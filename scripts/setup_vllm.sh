@@ -44,6 +44,10 @@ deps=(
   partial-json-parser "llguidance<1.8.0,>=1.7.0"
   "apache-tvm-ffi==0.1.11"  # xgrammar's runtime dependency, at vLLM's pin
   einops  # the model-registry inspection subprocess imports it (Qwen2-Audio)
+  # the Mooncake engine, for the mooncake rows of the vLLM bench (its own
+  # ECMooncakeConnector and embedlink's mooncake transport); needs libibverbs1,
+  # which scripts/setup.sh installs
+  "mooncake-transfer-engine-non-cuda>=0.3.13; sys_platform == 'linux' and platform_machine == 'x86_64'"
   # the test tools, at embedlink's [test] pins (tests/conftest.py imports hypothesis)
   "pytest>=8" "pytest-timeout>=2.2" "hypothesis>=6.90"
   -e .

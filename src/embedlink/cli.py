@@ -227,6 +227,36 @@ def _summary(
             console.print(f"[red]room {r.room} ({r.tokens} tokens): {Status(r.status)}: {r.reason}")
 
 
+def _bench_vllm(quick: bool, as_json: bool) -> None:
+    """Run embedlink.integrations.vllm_bench where vLLM is: this interpreter
+    if it has vLLM, else the test environment scripts/setup_vllm.sh makes."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    python = sys.executable
+    if importlib.util.find_spec("vllm") is None:
+        python = os.path.join(os.getcwd(), ".venv-vllm", "bin", "python")
+        if not os.path.exists(python):
+            raise click.ClickException(
+                "the vLLM bench needs vLLM 0.33.0: pip install 'embedlink[vllm]', "
+                "or run scripts/setup_vllm.sh here (it makes .venv-vllm)"
+            )
+    args = [python, "-m", "embedlink.integrations.vllm_bench"] + (["--quick"] if quick else [])
+    env = {**os.environ, "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cpu")}
+    if not as_json:
+        sys.exit(subprocess.call(args, env=env))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "rows.json")
+        rc = subprocess.call([*args, "--json", path], env=env, stdout=subprocess.DEVNULL)
+        if os.path.exists(path):
+            with open(path) as f:
+                click.echo(f.read())
+        sys.exit(rc)
+
+
 @main.command()
 @click.option(
     "--transport",
@@ -272,6 +302,13 @@ def _summary(
     help="The endpoints' busy_poll_us setting (default: its default, 400); 0 measures "
     "endpoints that always sleep between messages.",
 )
+@click.option(
+    "--peers",
+    type=click.Choice(["vllm"]),
+    default=None,
+    help="Instead: embedlink's vLLM connector against vLLM's own EC connectors, through "
+    "vLLM's real Scheduler and worker hooks (needs vLLM 0.33.0: scripts/setup_vllm.sh).",
+)
 def bench(
     transports: tuple[str, ...],
     quick: bool,
@@ -284,6 +321,7 @@ def bench(
     copying: bool,
     pin: bool,
     busy_poll_us: float | None,
+    peers: str | None,
 ) -> None:
     """End-to-end throughput and latency beside each transport's raw limit.
 
@@ -292,6 +330,9 @@ def bench(
     GB/s, the raw limit of that transport measured in this run and their
     ratio, rooms/s, p50/p99 latency and the peak RSS of both processes.
     """
+    if peers == "vllm":
+        _bench_vllm(quick, as_json)
+        return
     from .bench import QUICK_SIZES, SIZES, _probes, plot, rows_json, run_bench
 
     chosen = transports or ("shm", "tcp", "mooncake")
