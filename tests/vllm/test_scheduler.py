@@ -327,3 +327,34 @@ def test_a_restarted_consumer_is_served(pair, model_dir):
         wait_for(pools_free(prod, again), "pools free")
     finally:
         again.close()
+
+
+def test_a_width_mismatch_fails_the_request_naming_both_widths(pair, model_dir):
+    """A consumer configured for another width (hidden_size) than the
+    producer sends: its requests fail with both schemas named, nothing is
+    written into its cache, and the engine keeps serving."""
+    prod, cons = pair
+    narrow = Instance(
+        model_dir,
+        "ec_consumer",
+        {
+            "bootstrap": cons.worker._bootstrap,
+            "transports": ["tcp"],
+            "block_size": 16,
+            "num_blocks": 8,
+            "room_timeout": 4.0,
+            "hidden_size": 32,
+        },
+    )
+    try:
+        items = [("aud-w", 4, 20)]
+        params, _ = produce(prod, "p-wide", items, None)
+        narrow.sched.add_request(make_request("c-narrow", 100, items, params))
+        run_until(narrow, lambda: "c-narrow" in narrow.outputs, "the request ends")
+        assert narrow.outputs["c-narrow"].finish_reason == FinishReason.ERROR
+        assert "aud-w" not in narrow.cache
+        # the reason, as logged and kept by the consumer's scheduler side
+        why = narrow.sched.ec_connector._consumer_sched.last_failure("c-narrow")
+        assert "schema mismatch" in why and "64" in why and "32" in why, why
+    finally:
+        narrow.close()

@@ -65,6 +65,7 @@ __all__ = [
 PARAMS_KEY = "embedlink"
 _MAX_OUTBOX = 1 << 16
 _MAX_DATAGRAM = 1 << 16
+_KEEP_FAILURES = 1024
 
 
 def embedding_schema(width: int, dtype: str) -> BufferSchema:
@@ -269,6 +270,7 @@ class ConsumerScheduler:
         self._ready: dict[str, set[int]] = {}  # identifier -> rooms arrived everywhere
         self._loads: dict[str, int] = {}  # identifier -> room, for this step's workers
         self._unavailable: dict[str, str] = {}
+        self._failures: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     def start(self) -> ConsumerScheduler:
         self._box.open()
@@ -392,16 +394,22 @@ class ConsumerScheduler:
         req = self._reqs.get(rid)
         return None if req is None else req.failed
 
+    def last_failure(self, rid: str) -> str | None:
+        """Why request ``rid`` failed, also after it ended (the last
+        ``_KEEP_FAILURES`` failures are kept)."""
+        return self._failures.get(rid)
+
     def _fail_new(self, rid: str, reason: str) -> None:
-        req = _CRequest(rid, [], 0.0, failed=reason)
-        self._reqs[rid] = req
-        self._unavailable[rid] = reason
-        log.warning("embedlink: request %s fails: %s", rid, reason)
+        self._reqs[rid] = _CRequest(rid, [], 0.0)
+        self._fail(self._reqs[rid], reason)
 
     def _fail(self, req: _CRequest, reason: str) -> None:
         if req.failed is None:
             req.failed = reason
             self._unavailable[req.rid] = reason
+            self._failures[req.rid] = reason
+            while len(self._failures) > _KEEP_FAILURES:
+                self._failures.popitem(last=False)
             log.warning("embedlink: request %s fails: %s", req.rid, reason)
 
     def _pump(self) -> None:
