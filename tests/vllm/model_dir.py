@@ -65,68 +65,15 @@ NUM_GPU_BLOCKS = 1024
 
 
 def make_model_dir(path: pathlib.Path) -> pathlib.Path:
-    """Write a weightless tiny Qwen2-Audio model directory at ``path``; return it.
+    """Write a weightless tiny Qwen2-Audio model directory at ``path`` (hidden
+    size 64, float16); return it. The bench makes the same directory at other
+    sizes: one writer of it, in embedlink.integrations.vllm_bench.
 
     Idempotent: an existing directory is overwritten file by file.
     """
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2AudioConfig,
-        Qwen2AudioProcessor,
-        WhisperFeatureExtractor,
-    )
+    from embedlink.integrations.vllm_bench import make_model_dir as make
 
-    path = pathlib.Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), VOCAB_SIZE)})
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=list(SPECIAL_TOKENS[2:]),
-        model_max_length=MAX_MODEL_LEN,
-    )
-    # Whisper defaults (16 kHz, 30 s chunks, hop 160) with Qwen2-Audio's 128 mel bins
-    feature_extractor = WhisperFeatureExtractor(feature_size=128)
-    processor = Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
-    processor.save_pretrained(str(path))
-
-    config = Qwen2AudioConfig(
-        audio_config={
-            "model_type": "qwen2_audio_encoder",
-            "num_mel_bins": 128,
-            "encoder_layers": 1,
-            "encoder_attention_heads": 2,
-            "encoder_ffn_dim": 128,
-            "d_model": HIDDEN_SIZE,
-            "max_source_positions": 1500,
-        },
-        text_config={
-            "model_type": "qwen2",
-            "vocab_size": VOCAB_SIZE,
-            "hidden_size": HIDDEN_SIZE,
-            "intermediate_size": 128,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "max_position_embeddings": MAX_MODEL_LEN,
-            "eos_token_id": EOS_TOKEN_ID,
-            "bos_token_id": EOS_TOKEN_ID,
-            "torch_dtype": "float16",
-        },
-        audio_token_index=AUDIO_TOKEN_ID,
-    )
-    config.architectures = ["Qwen2AudioForConditionalGeneration"]
-    config.save_pretrained(str(path))
-    return path
+    return make(pathlib.Path(path), width=HIDDEN_SIZE, dtype="float16", max_len=MAX_MODEL_LEN)
 
 
 def make_scheduler(
