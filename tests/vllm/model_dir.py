@@ -44,20 +44,14 @@ __all__ = [
     "make_scheduler",
 ]
 
-SPECIAL_TOKENS = (
-    "<unk>",
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|AUDIO|>",
-    "<|audio_bos|>",
-    "<|audio_eos|>",
+# the tiny model's vocabulary: the bench's (one definition; stdlib-only import)
+from embedlink.integrations.vllm_bench import (
+    AUDIO_TOKEN_ID,
+    EOS_TOKEN_ID,
+    TEXT_TOKEN_ID,
+    VOCAB_SIZE,
 )
-VOCAB_SIZE = 256
-AUDIO_TOKEN_ID = SPECIAL_TOKENS.index("<|AUDIO|>")  # 4
-EOS_TOKEN_ID = SPECIAL_TOKENS.index("<|endoftext|>")  # 1
-#: first id of the plain word tokens ``w7`` .. ``w255``; prompts use these
-TEXT_TOKEN_ID = len(SPECIAL_TOKENS)
+
 HIDDEN_SIZE = 64
 MAX_MODEL_LEN = 4096
 BLOCK_SIZE = 16
