@@ -172,3 +172,31 @@ def test_a_consumer_worker_reports_a_row_count_mismatch_and_frees_the_room(boot)
         worker.close()
         sched.close()
         enc.close()
+
+
+def test_a_room_its_receiver_aborted_before_the_tensor_came_holds_nothing(boot):
+    """The receiver gives up before the encoder output exists; once it does,
+    the producer drops it instead of opening the room again (which would
+    hold the copy in its pool until the new room's deadline)."""
+    enc = EncoderEndpoint(
+        SCHEMA, bootstrap=boot.address, transports=("tcp",), num_blocks=16, block_size=16
+    )
+    prod = ProducerWorker(enc).start()
+    lang = LanguageEndpoint(
+        SCHEMA, transports=("tcp",), num_blocks=16, block_size=16, default_tokens=64
+    ).start()
+    try:
+        prod.plan([(42, "img", 30)])
+        rx = lang.receiver(bootstrap=boot.address, room=42)
+        wait_for(lambda: enc.room_count() == 1, "the producer opened the room")
+        rx.abort("the request went away")
+        rx.clear()
+        # the producer's sender ends, and its idle sweep clears it
+        wait_for(lambda: enc.room_count() == 0, "the ended room is cleared")
+        prod.saved({"img": rows(30, 3)}, "img")  # the encoder output, late
+        wait_for(lambda: prod.dropped == 1, "the late tensor is dropped")
+        assert enc.room_count() == 0 and enc.pool_usage()[0] == 0
+        wait_for(lambda: lang.pool_usage()[0] == 0, "the language pool is free")
+    finally:
+        prod.close()
+        lang.close()

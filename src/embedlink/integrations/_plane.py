@@ -678,6 +678,8 @@ class ProducerWorker:
         self._thread: threading.Thread | None = None
         self.sent = 0
         self.refused = 0
+        #: tensors for rooms that had ended before they came
+        self.dropped = 0
 
     def start(self) -> ProducerWorker:
         self.ep.start()
@@ -745,8 +747,13 @@ class ProducerWorker:
                 self._senders[room] = self.ep.sender(room)
             return
         s = self._senders.get(room)
-        if s is None:
-            s = self._senders[room] = self.ep.sender(room)
+        if s is None or s.poll().is_terminal:
+            # Every room was opened before its tensor came ("open" is queued
+            # first); one that is gone ended meanwhile (its receiver aborted,
+            # its deadline passed) and was cleared: the tensor is not wanted.
+            # A new sender for the id would hold it until its own deadline.
+            self.dropped += 1
+            return
         if op == "refuse":
             s.abort(f"the producer's backlog of {self.max_pending} items is full")
             return
