@@ -65,6 +65,18 @@ def _load(boot, rooms, transport):
                 results[r] = ("ok", same_embedding(emb, make_embedding(SCHEMA, sizes[r], 0, r)))
             except TransferError as exc:
                 results[r] = ("failed", exc.reason)
+            except TimeoutError as exc:
+                # a room that never ends: say where it is stuck (a rare hang
+                # under heavy load, not yet understood)
+                live = rx._live
+                raise AssertionError(
+                    f"{exc}; room: route={live.route} queued={live.queued} "
+                    f"encoder={live.encoder and live.encoder.address} "
+                    f"history={rx.history}; language: unrouted={len(lang._unrouted)} "
+                    f"firsts={len(lang._firsts)} resumes={len(lang._resumes)} "
+                    f"pool={lang.pool_usage()} encoders={list(lang._encoders)}; "
+                    f"encoder: rooms={enc.room_count()} pool={enc.pool_usage()}"
+                ) from None
             rx.clear()
 
         for r in range(rooms):
