@@ -45,7 +45,7 @@ import msgspec
 from ..embedding import Embedding
 from ..encoder import EncoderEndpoint, Sender
 from ..language import LanguageEndpoint, Receiver
-from ..protocol import BufferSchema, FieldSpec, TransferError
+from ..protocol import BufferSchema, FieldSpec, Status, TransferError
 
 log = logging.getLogger(__name__)
 
@@ -680,6 +680,7 @@ class ProducerWorker:
         self.refused = 0
         #: tensors for rooms that had ended before they came
         self.dropped = 0
+        self._ended_at: dict[int, float] = {}
 
     def start(self) -> ProducerWorker:
         self.ep.start()
@@ -702,7 +703,10 @@ class ProducerWorker:
         """Rooms the scheduler assigned this step: ``(room, identifier, rows)``."""
         for room, identifier, rows in sends:
             self._pending.setdefault(identifier, []).append((room, rows))
-            self._put(("open", room, rows, None))
+            if room not in self._senders:
+                # sender() never blocks; opening here keeps the work queue
+                # to the copies, which is what max_pending bounds
+                self._senders[room] = self.ep.sender(room)
 
     def offer(self, cache: Mapping[str, Any]) -> None:
         """Items already in the engine's cache (encoded in an earlier step)."""
@@ -742,10 +746,6 @@ class ProducerWorker:
                 self._sweep()
 
     def _do(self, op: str, room: int, rows: int, tensor: Any) -> None:
-        if op == "open":
-            if room not in self._senders:
-                self._senders[room] = self.ep.sender(room)
-            return
         s = self._senders.get(room)
         if s is None or s.poll().is_terminal:
             # Every room was opened before its tensor came ("open" is queued
@@ -770,7 +770,17 @@ class ProducerWorker:
             pass  # the room failed (timed out waiting for blocks); its peer is told
 
     def _sweep(self) -> None:
+        # A room that ended before its receiver asked (refused, or failed
+        # here) is kept for a room timeout: cleared at once, the receiver's
+        # late request would find no room and wait out its own deadline
+        # instead of hearing that it failed.
+        now = time.monotonic()
         for room, s in list(self._senders.items()):
-            if s.poll().is_terminal:
+            if not s.poll().is_terminal:
+                continue
+            met = any(st is not Status.Bootstrapping for st, _ in s.history)
+            ended = self._ended_at.setdefault(room, now)
+            if met or now - ended > self.ep.room_timeout:
                 s.clear()
                 del self._senders[room]
+                self._ended_at.pop(room, None)
