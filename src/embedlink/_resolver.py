@@ -29,7 +29,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,13 +179,30 @@ class Resolver:
         Never blocks. A stale answer is returned and refreshed meanwhile."""
         now = time.monotonic()
         with self._lock:
-            sizes = self._fresh(bootstrap, ("sizes",), now)
-            if sizes is None:
-                return None
-            enc_tp, enc_dp = sizes
-            enc_rank, required = route_for(self.tp_rank, self.tp_size, self.dp_size, enc_tp)
-            group = room % enc_dp if dp_group is None else dp_group
-            address = self._fresh(bootstrap, ("rank", enc_rank, group), now)
+            return self._get(bootstrap, room, dp_group, now)
+
+    def get_many(
+        self, bootstrap: str, rooms: Sequence[tuple[RoomId, int | None]]
+    ) -> list[tuple[str, int] | None]:
+        """:meth:`get` for each ``(room, dp_group)``, from one view of the
+        cache: a lookup that lands meanwhile is seen by all of them or by
+        none. (Asked one by one while the answer arrives, the later rooms of
+        a batch would find a route the earlier ones had not, and start
+        first.)"""
+        now = time.monotonic()
+        with self._lock:
+            return [self._get(bootstrap, room, group, now) for room, group in rooms]
+
+    def _get(
+        self, bootstrap: str, room: RoomId, dp_group: int | None, now: float
+    ) -> tuple[str, int] | None:
+        sizes = self._fresh(bootstrap, ("sizes",), now)
+        if sizes is None:
+            return None
+        enc_tp, enc_dp = sizes
+        enc_rank, required = route_for(self.tp_rank, self.tp_size, self.dp_size, enc_tp)
+        group = room % enc_dp if dp_group is None else dp_group
+        address = self._fresh(bootstrap, ("rank", enc_rank, group), now)
         if address is None:
             return None
         return str(address), required

@@ -16,6 +16,13 @@ rooms it holds are resumed. So resumes are served before first reservations,
 and first reservations never take the last ``resume_headroom`` blocks: a
 resume always finds blocks eventually, every resumed room finishes, the
 encoder frees its pool, and the rooms waiting on it can proceed.
+
+That argument needs the two sides to agree on order: first reservations are
+granted in the order ``receiver()`` was called (per endpoint), whether a
+room's route was cached, looked up meanwhile, or started from the caller's
+thread. An encoder that fills its pool in another order than its receivers
+ask can still wait on a language pool held by rooms it cannot produce yet;
+its ``send()`` then fails that room at its deadline, and the pools move on.
 """
 
 from __future__ import annotations
@@ -157,6 +164,8 @@ class _Live:
     #: address (the resolver looks it up off the caller's thread)
     route: tuple[str, int | None] | None = None
     on_done: Callable[[RoomId], None] | None = None
+    #: counted in ``LanguageEndpoint._handed`` (until it starts or ends)
+    handed: bool = False
 
 
 class Receiver:
@@ -379,6 +388,12 @@ class LanguageEndpoint:
         # rooms waiting for blocks: resumes first, then first reservations
         self._resumes: collections.deque[tuple[_Live, int]] = collections.deque()
         self._firsts: collections.deque[tuple[_Live, int]] = collections.deque()
+        # Rooms handed to the loop to start that have not reached their first
+        # reservation yet (waiting for a route, or for the loop to run): while
+        # any has, a later room must not take blocks from the caller's thread
+        # (``_start_here``). First reservations are granted in the order
+        # ``receiver()`` was called; see _start_room. Under ``_lock``.
+        self._handed = 0
         self._lock = threading.Lock()
         # Held while a room's state machine takes one event (_step): the loop
         # and a user's thread in abort() may step the same room at once.
@@ -532,12 +547,23 @@ class LanguageEndpoint:
                 )
             self._rooms[room] = live
             enc = None if encoder is None else self._encoders.get(encoder)
-            if enc is not None and enc.lane is not None and not enc.lane.closed:
+            if (
+                enc is not None
+                and enc.lane is not None
+                and not enc.lane.closed
+                and not self._handed
+            ):
                 live.starting = True
+            else:
+                live.handed = True
+                self._handed += 1
         if encoder is None:
             self._loop.call(self._await_route, live)
         elif not (live.starting and self._start_here(live, enc)):
-            self._loop.call(self._start_room, live, encoder)
+            if bootstrap is None:
+                self._loop.call(self._start_room, live, encoder)
+            else:
+                self._loop.call(self._start_in_order, live, encoder, bootstrap)
         return Receiver(self, live)
 
     def _start_here(self, live: _Live, enc: _Encoder | None) -> bool:
@@ -558,6 +584,9 @@ class LanguageEndpoint:
         assert isinstance(reserve, Reserve)
         blocks = self._take_blocks(live, reserve.tokens, first_in_line=True)
         if blocks is None:
+            with self._lock:  # the loop starts it: later rooms wait behind it
+                live.handed = True
+                self._handed += 1
             self._end_start(live)
             return False
         live.encoder = enc
@@ -791,7 +820,28 @@ class LanguageEndpoint:
             transports=[s.offer_for(enc.token) for s in self._servers],
         )
 
+    def _unhand(self, live: _Live) -> None:
+        with self._lock:
+            if live.handed:
+                live.handed = False
+                self._handed -= 1
+
+    def _start_in_order(self, live: _Live, address: str, bootstrap: str) -> None:
+        """Start a room whose route was cached when ``receiver()`` was called,
+        after the rooms created before it that still wait for a route the
+        resolver now knows (the cache may fill just before ``_route_rooms``
+        runs): first reservations must follow the order of ``receiver()``
+        calls. An encoder copies embeddings into its own pool in the order it
+        produces them and holds each until its receiver reserves; a later
+        room served first can hold the language pool while the encoder's pool
+        is full of earlier rooms waiting for it, and neither side moves until
+        a deadline passes."""
+        if self._unrouted:
+            self._route_rooms(bootstrap)
+        self._start_room(live, address)
+
     def _start_room(self, live: _Live, address: str, required: int | None = None) -> None:
+        self._unhand(live)
         if live.room.done:
             # aborted before it started: the encoder may hold the embedding
             self._tell_aborted(live, self._encoder(address))
@@ -805,20 +855,28 @@ class LanguageEndpoint:
         aborted meanwhile still waits, until its deadline, so that the
         encoder can be told (it may hold the embedding for it)."""
         if live.route is None:
+            self._unhand(live)
             return
         self._unrouted[id(live)] = live
-        self._try_route(live)
+        if len(self._unrouted) == 1:
+            self._try_route(live)
+        elif self._resolver.get(live.route[0], live.room.room, live.route[1]) is not None:
+            # its route just became known: the rooms before it start first
+            self._route_rooms(live.route[0])
 
-    def _try_route(self, live: _Live) -> bool:
+    def _try_route(self, live: _Live, found: tuple[str, int] | None = None) -> bool:
+        """Start ``live`` if its route is known (``found``: already looked up)."""
         assert live.route is not None
-        bootstrap, dp_group = live.route
-        found = self._resolver.get(bootstrap, live.room.room, dp_group)
+        if found is None:
+            bootstrap, dp_group = live.route
+            found = self._resolver.get(bootstrap, live.room.room, dp_group)
         if found is None:
             return False
         del self._unrouted[id(live)]
         live.route = None
         if live.room.done:
             # aborted before its encoder was known: tell it now
+            self._unhand(live)
             self._tell_aborted(live, self._encoder(found[0]))
         else:
             self._start_room(live, *found)
@@ -841,17 +899,32 @@ class LanguageEndpoint:
     def _route_rooms(self, bootstrap: str | None, now: float | None = None) -> None:
         """Start the rooms waiting for a route from ``bootstrap`` (None: any)
         that the resolver now knows; with ``now``, fail those whose deadline
-        has passed, naming the bootstrap server and its last answer."""
+        has passed, naming the bootstrap server and its last answer. In the
+        order the rooms were asked for, each bootstrap server's routes read
+        from one view of the resolver's cache (``get_many``)."""
+        order: list[tuple[_Live, str, int | None]] = []
         for live in list(self._unrouted.values()):
             if live.route is None:
                 self._unrouted.pop(id(live), None)
+                self._unhand(live)
+            elif bootstrap is None or live.route[0] == bootstrap:
+                order.append((live, *live.route))
+        found: dict[int, tuple[str, int] | None] = {}
+        for boot in dict.fromkeys(b for _, b, _ in order):
+            mine = [(live, group) for live, b, group in order if b == boot]
+            routes = self._resolver.get_many(boot, [(x.room.room, g) for x, g in mine])
+            found.update(zip((id(x) for x, _ in mine), routes, strict=True))
+        for live, boot, _ in order:
+            if self._unrouted.get(id(live)) is not live:
+                continue  # routed or ended by what the rooms before it did
+            hit = found[id(live)]
+            if hit is not None:
+                self._try_route(live, hit)
                 continue
-            boot = live.route[0]
-            if bootstrap is not None and boot != bootstrap:
-                continue
-            if self._try_route(live) or now is None or now < live.room.deadline:
+            if now is None or now < live.room.deadline:
                 continue
             del self._unrouted[id(live)]
+            self._unhand(live)
             if live.room.done:
                 continue  # aborted, and its encoder never found: nobody to tell
             why = self._resolver.last_error(boot) or "no answer yet"
@@ -1052,7 +1125,7 @@ class LanguageEndpoint:
         # after it as it takes: should the room resume, the rest can follow it
         # in place instead of the first chunk being moved (_assemble_in_pool).
         with self._lock:
-            if first_in_line and (self._firsts or self._resumes):
+            if first_in_line and (self._firsts or self._resumes or self._handed):
                 return None
             if first:
                 want = min(want, self.allocator.num_free - self.resume_headroom)

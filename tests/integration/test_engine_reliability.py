@@ -237,6 +237,76 @@ def test_rooms_wait_for_an_encoder_that_registers_later(spawn_encoder):
         assert same_embedding(rx.wait(30), make_embedding(SCHEMA, 1500, 0, 7))
 
 
+@pytest.mark.parametrize("local_control", [True, False])
+def test_first_reservations_follow_receiver_order_when_the_route_comes_midway(local_control):
+    """Rooms asked for before the encoder's route is known wait for it; rooms
+    asked for once it is cached must not take the pool ahead of them. (When
+    they did, a later room could hold the language pool while the encoder's
+    pool was full of earlier rooms waiting for it: both sides stood still
+    until a deadline; seen as the 500-room pipeline test's "no free encoder
+    blocks" and the load test's room 0 "still Bootstrapping".) The loop
+    thread is held while the route arrives, which is the window where the
+    order used to break: each room's own lookup, the resolver's change
+    notice and the cached-route rooms are then all queued behind it."""
+    bs = 128
+    with (
+        BootstrapServer(host="127.0.0.1", port=0) as boot,
+        # 8 blocks for first reservations, 2 per room: 4 rooms at a time
+        LanguageEndpoint(
+            SCHEMA,
+            num_blocks=9,
+            block_size=bs,
+            default_tokens=2 * bs,
+            resume_headroom=1,
+            transports=("tcp",),
+            local_control=local_control,
+        ) as lang,
+    ):
+        rxs = [lang.receiver(bootstrap=boot.address, room=r) for r in range(5)]
+        until(lambda: lang.status()["rooms_waiting_for_route"] == 5, what="rooms 0-4 unrouted")
+        held, release = threading.Event(), threading.Event()
+
+        def hold():
+            held.set()
+            release.wait(30)
+
+        lang._loop.call(hold)  # the loop thread waits here until released
+        assert held.wait(10)
+        try:
+            rxs += [lang.receiver(bootstrap=boot.address, room=r) for r in range(5, 10)]
+            with EncoderEndpoint(
+                SCHEMA,
+                bootstrap=boot.address,
+                num_blocks=16,
+                block_size=bs,
+                transports=("tcp",),
+                local_control=local_control,
+            ) as enc:
+                until(
+                    lambda: lang._resolver.get(boot.address, 0, None) is not None,
+                    what="the route cached",
+                )
+                rxs += [lang.receiver(bootstrap=boot.address, room=r) for r in range(10, 15)]
+                release.set()
+                until(
+                    lambda: sum(rx.poll() is Status.WaitingForInput for rx in rxs) == 4,
+                    what="four rooms reserved",
+                )
+                assert [rx.poll() for rx in rxs[:4]] == [Status.WaitingForInput] * 4
+                assert all(rx.poll() is Status.Bootstrapping for rx in rxs[4:])
+                # and the rest follow in order as blocks come back
+                for r in range(15):
+                    tx = enc.sender(r)
+                    tx.send(make_embedding(SCHEMA, bs, 0, r))
+                    assert same_embedding(rxs[r].wait(30), make_embedding(SCHEMA, bs, 0, r))
+                    rxs[r].clear()
+                    assert tx.wait(30) is Status.Success
+                    tx.clear()
+        finally:
+            release.set()
+        assert lang.allocator.wait_all_free(10)
+
+
 def test_malformed_bootstrap_address_is_a_value_error():
     with (
         LanguageEndpoint(SCHEMA, num_blocks=16, transports=("tcp",)) as lang,
