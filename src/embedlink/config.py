@@ -316,6 +316,15 @@ SETTINGS: tuple[Setting, ...] = (
         check=_positive,
     ),
     Setting(
+        "zero_copy",
+        "bool",
+        False,
+        "hand out an embedding that arrived in the pool as views of the pool instead of "
+        "copying it into fresh memory; its blocks stay in use until the receiver is cleared "
+        "(the vLLM connector turns it on and lends at most half the pool: docs/vllm.md)",
+        _LANG,
+    ),
+    Setting(
         "stale_write_grace",
         "float",
         30.0,
@@ -495,6 +504,7 @@ class Config:
                 default_tokens=v["default_tokens"],
                 route_refresh=v["route_refresh"],
                 stale_write_grace=v["stale_write_grace"],
+                zero_copy=v["zero_copy"],
             )
         return kw
 

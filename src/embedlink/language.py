@@ -221,6 +221,13 @@ class Receiver:
         return from_pool_arrays(self._live.result, delta)
 
     @property
+    def in_pool(self) -> bool:
+        """What :meth:`wait` returns is views into the pool (a ``zero_copy``
+        endpoint), valid until :meth:`clear`, which gives the blocks back;
+        False for arrays of their own."""
+        return self._live.pinned is not None
+
+    @property
     def aux(self) -> Any:
         """The aux record (total_tokens, mrope_position_delta, checksum, flags) once known."""
         return self._live.aux

@@ -200,3 +200,66 @@ def test_a_room_its_receiver_aborted_before_the_tensor_came_holds_nothing(boot):
     finally:
         prod.close()
         lang.close()
+
+
+def test_a_zero_copy_consumer_lends_half_its_pool_and_gets_it_back_with_the_tensors(boot):
+    """Items that arrived in the pool go into the engine's cache as views of
+    it, no copy, up to half the pool (8 blocks: 4); the next is copied and
+    its blocks come back at once. Lent blocks come back only when nothing
+    refers to the tensor any more (a slice of it is enough to keep them),
+    not when the request finishes: vLLM keeps finished items cached."""
+    eid = uuid.uuid4().hex
+    names = (f"el-{eid}-s", f"el-{eid}-w0")
+    sched = ConsumerScheduler(
+        mailbox=names[0], workers=[names[1]], bootstrap=boot.address, deadline=30
+    ).start()
+    worker = ConsumerWorker(
+        LanguageEndpoint(
+            SCHEMA,
+            transports=("tcp",),
+            num_blocks=8,
+            block_size=16,
+            default_tokens=64,
+            zero_copy=True,
+        ),
+        rank=0,
+        mailbox=names[1],
+        scheduler=names[0],
+        to_tensor=lambda a: a,  # the engine's tensor: here the array itself
+    ).start()
+    enc = EncoderEndpoint(
+        SCHEMA, bootstrap=boot.address, transports=("tcp",), num_blocks=16, block_size=16
+    ).start()
+    try:
+        assert worker.lend_limit == 4
+        items = [Item("a", 30), Item("b", 30), Item("c", 30)]  # 2 blocks each
+        sent = {it.identifier: rows(30, k) for k, it in enumerate(items)}
+        params = {"embedlink": {"rooms": [11, 12, 13]}}
+        assert not sched.ensure("r", params, items, 0)
+        for room, it in zip((11, 12, 13), items, strict=True):
+            enc.sender(room).send(Embedding(embedding=sent[it.identifier]))
+            # one at a time, so which ones are lent is known
+            wait_for(lambda n=room - 10: worker.received == n, f"item {it.identifier}")
+        wait_for(lambda: sched.ensure("r", params, items, 0), "every item arrived")
+        for i in range(3):
+            sched.allocated("r", i, items[i].identifier)
+        cache: dict[str, np.ndarray] = {}
+        assert worker.load(cache, sched.take_loads()) == []
+        for ident, want in sent.items():
+            assert np.array_equal(cache[ident].view(np.uint16), want.view(np.uint16)), ident
+        assert worker.lent_blocks == 4
+        assert worker.ep.pool_usage()[0] == 4  # "c" was copied: its blocks are back
+        sched.finished("r")
+        wait_for(lambda: worker.held == 0, "the rooms closed")
+        assert worker.ep.pool_usage()[0] == 4  # still in the engine's cache
+        keep = cache["a"][3:5]
+        cache.clear()  # the cache evicts all three
+        wait_for(lambda: worker.ep.pool_usage()[0] == 2, "b's blocks back")
+        assert np.array_equal(keep.view(np.uint16), sent["a"][3:5].view(np.uint16))
+        del keep
+        wait_for(lambda: worker.ep.pool_usage()[0] == 0, "a's blocks back with its last view")
+        assert worker.lent_blocks == 0
+    finally:
+        worker.close()
+        sched.close()
+        enc.close()

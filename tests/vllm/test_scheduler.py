@@ -63,6 +63,9 @@ class Instance:
         step), sample one token per scheduled request, update."""
         so = self.sched.schedule()
         w = self.worker
+        # the runner's _update_states: evictions first, on every step
+        for h in so.free_encoder_mm_hashes or ():
+            self.cache.pop(h, None)
         ran_hooks = so.total_num_scheduled_tokens > 0 or w.is_producer
         if ran_hooks:
             w.bind_connector_metadata(so.ec_connector_metadata)
@@ -159,6 +162,12 @@ def produce(prod, rid, items, rooms):
 
 
 def pools_free(*insts):
+    """Each instance's encoder cache lets go of what it holds (vLLM evicts
+    when it needs the room; items lent out of a consumer's pool go back
+    with their tensors), then: are the pools empty?"""
+    for inst in insts:
+        inst.cache.clear()
+
     def free():
         usages = []
         for inst in insts:
@@ -193,8 +202,18 @@ def test_a_request_waits_for_its_items_then_runs_with_nothing_to_encode(pair):
         assert torch.equal(cons.cache[ident], t), ident  # byte-identical
     out = cons.outputs["c1"]
     assert out.finish_reason == FinishReason.LENGTH
-    wait_for(pools_free(prod, cons), "pools free after the request finished")
-    assert cons.worker._consumer.held == 0
+    # aud-b (30 rows) was lent to the encoder cache out of the pool, not
+    # copied; aud-a came through resumes into memory of its own
+    consumer = cons.worker._consumer
+    assert consumer.lent_blocks == 2
+    assert consumer.held == 0
+    # vLLM keeps a finished request's items cached until it needs the room;
+    # the blocks come back when the cache lets go of the tensor
+    wait_for(pools_free(prod), "the producer's pool free")
+    assert cons.worker._consumer.ep.pool_usage()[0] == 2
+    cons.cache.clear()
+    wait_for(pools_free(prod, cons), "pools free once the cache let go")
+    assert consumer.lent_blocks == 0
 
 
 def test_a_failed_room_ends_the_request_with_finish_reason_error(pair):

@@ -62,6 +62,10 @@ class Worker:
         _, ran, cache = self.recv()
         return ran, cache
 
+    def evict(self) -> None:
+        self.conn.send(("evict",))
+        self.recv()
+
     def pool_used(self) -> int:
         self.conn.send(("pool",))
         return self.recv()[1][0]
@@ -140,6 +144,9 @@ class Instance:
 
 
 def wait_free(workers, timeout=30.0):
+    """The encoder caches let go of everything, then every pool empties."""
+    for w in workers:
+        w.evict()
     t0 = time.monotonic()
     while any(w.pool_used() for w in workers):
         assert time.monotonic() - t0 < timeout, "a worker's pool is not free"

@@ -49,11 +49,19 @@ def _serve(conn: Any, vllm_config: Any, runner: str) -> None:
             ensure_ec_transfer_shutdown()
             conn.send(("stopped", None))
             return
+        if op == "evict":
+            # vLLM keeps a finished request's items cached until it needs the
+            # room; items the connector lent out of its pool go back with them
+            cache.clear()
+            conn.send(("evicted", None))
+            continue
         if op == "pool":
             part = connector._consumer or connector._producer
             conn.send(("pool", None if part is None else part.ep.pool_usage()))
             continue
         so, encoded = args
+        for h in so.free_encoder_mm_hashes or ():  # the runner's evictions, every step
+            cache.pop(h, None)
         ran = False
         if v2 is not None:
             if so.total_num_scheduled_tokens == 0:

@@ -36,11 +36,13 @@ import select
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from ..embedding import Embedding
 from ..encoder import EncoderEndpoint, Sender
@@ -428,12 +430,40 @@ class ConsumerScheduler:
                 self._fail(req, f"room {room} on rank {msg.get('rank')}: {msg.get('reason')}")
 
 
+def lend(view: np.ndarray[Any, Any], on_free: Callable[[], None]) -> np.ndarray[Any, Any]:
+    """An alias of the C-contiguous ``view`` (no copy) that calls ``on_free``
+    once nothing refers to it any more: every array or tensor derived from
+    the result (numpy views, ``torch.from_numpy``, slices of those) keeps the
+    memoryview underneath alive, because numpy stops collapsing ``.base``
+    chains at an object that is not an array. ``on_free`` runs on whichever
+    thread lets go last, possibly inside garbage collection: it must only
+    hand the news on (a ``SimpleQueue.put``)."""
+    if not view.flags.c_contiguous:
+        raise ValueError("only a C-contiguous array can be lent without a copy")
+    raw: Any = view.reshape(-1).view(np.uint8)
+    alias = np.frombuffer(memoryview(raw), dtype=np.uint8)
+    out: np.ndarray[Any, Any] = alias.view(view.dtype).reshape(view.shape)
+    anchor: Any = out
+    while isinstance(anchor, np.ndarray):
+        anchor = anchor.base
+    weakref.finalize(anchor, on_free)
+    return out
+
+
 class ConsumerWorker:
     """One worker rank of a consumer: receives the rooms the scheduler opens
     with its own endpoint, on its own thread, keeps each arrived item as an
     engine tensor until the scheduler closes the room, and puts items into
     the engine's cache on :meth:`load` (the model runner's thread: only dict
-    work there)."""
+    work there).
+
+    With a ``zero_copy`` endpoint an item that arrived in the pool is handed
+    to the engine as a view of the pool (:func:`lend`), not copied into fresh
+    memory: its blocks come back when the engine's last reference to the
+    tensor goes (its encoder cache evicts it), however long after the
+    request that is. At most half the pool is lent at once; past that an
+    item is copied out as without ``zero_copy``, so that an engine keeping
+    many items cached cannot starve the transfers of the pool."""
 
     def __init__(
         self,
@@ -452,6 +482,12 @@ class ConsumerWorker:
         self._rcvs: dict[int, tuple[Receiver, Item]] = {}
         self._ready: dict[int, Any] = {}
         self._done: queue.SimpleQueue[int] = queue.SimpleQueue()
+        #: lent rooms whose tensors the engine let go of: (room, receiver, blocks)
+        self._returns: queue.SimpleQueue[tuple[int, Receiver, int]] = queue.SimpleQueue()
+        #: rooms whose pool blocks the engine holds (their receivers not cleared)
+        self._lent: dict[int, int] = {}
+        self.lent_blocks = 0
+        self.lend_limit = endpoint.num_blocks // 2 if endpoint.zero_copy else 0
         #: an eventfd written when a room ends, so the thread wakes at once
         self._wake = -1
         self._closed = threading.Event()
@@ -516,6 +552,7 @@ class ConsumerWorker:
                     except queue.Empty:
                         break
                     self._finish(room)
+                self._take_back()
                 self._box.flush()
             except Exception:  # this thread must outlive any one bad message
                 log.exception("embedlink: consumer worker %d", self.rank)
@@ -576,10 +613,24 @@ class ConsumerWorker:
                 f"the request has {item.num_embeds} placeholders",
             )
             return
-        try:
-            tensor = self._to_tensor(emb.embedding)
-        finally:
-            rcv.clear()  # the pool's blocks go back at once: the tensor is a copy
+        arr = emb.embedding
+        blocks = -(-rows // self.ep.block_size)
+        if (
+            rcv.in_pool
+            and isinstance(arr, np.ndarray)
+            and arr.flags.c_contiguous
+            and self.lent_blocks + blocks <= self.lend_limit
+        ):
+            self._lent[room] = blocks
+            self.lent_blocks += blocks
+            back = self._returns.put
+            tensor = self._to_tensor(lend(arr, lambda: back((room, rcv, blocks))))
+        else:
+            try:
+                # a view of the pool must not outlive clear(): copy it first
+                tensor = self._to_tensor(np.array(arr) if rcv.in_pool else arr)
+            finally:
+                rcv.clear()  # the pool's blocks go back at once: the tensor is a copy
         self._ready[room] = tensor
         self.received += 1
         self._box.post(self._scheduler, {"op": "arrived", "room": room, "rank": self.rank})
@@ -592,9 +643,20 @@ class ConsumerWorker:
 
     def _close(self, room: int) -> None:
         hit = self._rcvs.pop(room, None)
-        if hit is not None:
+        if hit is not None and room not in self._lent:
             hit[0].clear()  # aborts it when unfinished
+        # a lent item's blocks wait for the engine to let go of its tensor
         self._ready.pop(room, None)
+
+    def _take_back(self) -> None:
+        while True:
+            try:
+                room, rcv, blocks = self._returns.get_nowait()
+            except queue.Empty:
+                return
+            if self._lent.pop(room, None) is not None:
+                self.lent_blocks -= blocks
+            rcv.clear()
 
 
 # -- producer (encoder side)

@@ -173,6 +173,10 @@ class EmbedlinkECConnector(ECConnectorBase):  # type: ignore[misc]
             )
             pool = probe["num_blocks"] * probe["block_size"]
             given["default_tokens"] = min(1024, pool)
+        if side == "language" and "zero_copy" not in given:
+            # items are lent to vLLM's encoder cache out of the pool, at most
+            # half of it (ConsumerWorker): no copy, no fresh memory per item
+            given["zero_copy"] = True
         self.settings = _config.load_mapping(side, given, source=_EXTRA, refuse=refused)
         v = self.settings.values
         self._bootstrap: str | None = v["bootstrap"]

@@ -57,17 +57,20 @@ consumer's worker reads every byte of every item in the step that loads it
 wrote, and any difference fails that row, naming the item.
 
 Each row first moves ``--warmup`` items untimed (connections, handshakes,
-first-touch faults), then its ``--items``. Both engine loops sleep
+first-touch faults: by default enough items to pass once through the
+largest pool, ``2 * max(2, in_flight) + 2``, as a long-running server's pools
+are), then its ``--items``. Both engine loops sleep
 ``--idle-sleep-ms`` after a step that scheduled nothing (``EngineCore``
 spins; on a small host that spinning would take the CPUs the transfers
 need); the same for every connector.
 
 Sizing, the same rule for every connector: each scheduler's budget takes
 ``max(2, in_flight)`` whole prompts in one step (nothing is chunked) and its
-encoder cache as many items; embedlink's pools (both sides) hold that many
-items in 128-row blocks; Mooncake's ``ec_buffer_size`` holds twice that many
-plus two (its receive pool also keeps the items the encoder cache still
-holds), at least vLLM's default 1e9 bytes. The example connector's files
+encoder cache as many items; Mooncake's ``ec_buffer_size`` holds twice that
+many plus two (its receive pool also keeps the items the encoder cache still
+holds), at least vLLM's default 1e9 bytes; embedlink's pools (both sides) the
+same number of items in 128-row blocks (the consumer lends at most half of
+its pool to the encoder cache, without copying). The example connector's files
 are removed after each row (as each item finishes in a row of more than
 4 GB).
 
@@ -114,10 +117,11 @@ __all__ = [
 ROWS = (2000, 16384)
 WIDTH = 3584
 DTYPE = "bfloat16"
-ITEMS = 20
+ITEMS = 40
 QUICK_ITEMS = 6
-WARMUP = 2
 IN_FLIGHT = 4
+#: untimed items first: once through the largest pool (see the module docstring)
+WARMUP = 2 * max(2, IN_FLIGHT) + 2
 EMBEDLINK_BLOCK = 128
 #: where an item's placeholder starts in its prompt; the prompt is a few
 #: words, the item's placeholder, a few more words
@@ -328,12 +332,20 @@ def _worker_main(conn: Any, vllm_config: Any, runner: str) -> None:
 
 
 def _serve(conn: Any, vllm_config: Any, runner: str) -> None:
+    import torch
     from vllm.distributed.ec_transfer.ec_transfer_state import (
         ensure_ec_transfer_initialized,
         ensure_ec_transfer_shutdown,
         get_ec_transfer,
     )
 
+    # One intra-op thread: this runner only copies and compares tensors (the
+    # stand-in for the encoder, the check of what arrived), and torch's
+    # OpenMP workers spin-wait after every parallel copy; on a small machine
+    # those spins took about 40% of a worker's CPU from the connector being
+    # measured, the same for every connector. (A real vLLM CPU worker sizes
+    # its threads for its model; this one has none.)
+    torch.set_num_threads(1)
     ensure_ec_transfer_initialized(vllm_config)
     connector = get_ec_transfer()
     connector.start_worker_services()  # the GPU worker's call after load_model
@@ -904,7 +916,11 @@ class _Pair:
             name, module = "ECMooncakeConnector", None
         else:
             assert bootstrap is not None
-            blocks = -(-max(2, in_flight) * max_rows // EMBEDLINK_BLOCK) + 16
+            # the memory ECMooncakeConnector's receive pool gets: the consumer
+            # lends at most half of its pool to the encoder cache (n items
+            # there, n + 1 lendable), the rest takes the items in flight
+            n = max(2, in_flight)
+            blocks = -(-(2 * n + 2) * max_rows // EMBEDLINK_BLOCK) + 16
             extra_p = extra_c = {
                 "bootstrap": bootstrap,
                 "transports": [peer.transport],
@@ -1457,7 +1473,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"{QUICK_ITEMS} items, 1 warm-up")
     ap.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     ap.add_argument("--items", type=int, default=None, help=f"items per row (default {ITEMS})")
-    ap.add_argument("--warmup", type=int, default=None, help=f"untimed items first ({WARMUP})")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help=f"untimed items first (default {WARMUP}: once through the largest pool)",
+    )
     ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="item sizes in rows")
     ap.add_argument("--width", type=int, default=WIDTH, help="row width (the model's hidden size)")
     ap.add_argument("--dtype", default=DTYPE, choices=("bfloat16", "float16", "float32"))
@@ -1474,7 +1495,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per row")
     args = ap.parse_args(argv)
     items = args.items if args.items is not None else (QUICK_ITEMS if args.quick else ITEMS)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else WARMUP)
+    warmup = args.warmup
+    if warmup is None:
+        warmup = 1 if args.quick else 2 * max(2, args.in_flight) + 2
     sizes = [int(x) for x in args.rows.split(",") if x.strip()]
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     from rich.console import Console
