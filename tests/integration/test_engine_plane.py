@@ -140,24 +140,33 @@ def test_the_producer_never_holds_its_caller_and_bounds_its_backlog(boot):
         lang.close()
 
 
-def test_a_consumer_worker_reports_a_row_count_mismatch_and_frees_the_room(boot):
+def consumer_and_encoder(boot, *, to_tensor, zero_copy=False):
+    """A consumer scheduler and one worker (a pool of 8 x 16 rows) over
+    real mailboxes, and an encoder endpoint registered at ``boot``."""
     eid = uuid.uuid4().hex
     names = (f"el-{eid}-s", f"el-{eid}-w0")
     sched = ConsumerScheduler(
         mailbox=names[0], workers=[names[1]], bootstrap=boot.address, deadline=30
     ).start()
+    lang = LanguageEndpoint(
+        SCHEMA,
+        transports=("tcp",),
+        num_blocks=8,
+        block_size=16,
+        default_tokens=64,
+        zero_copy=zero_copy,
+    )
     worker = ConsumerWorker(
-        LanguageEndpoint(
-            SCHEMA, transports=("tcp",), num_blocks=8, block_size=16, default_tokens=64
-        ),
-        rank=0,
-        mailbox=names[1],
-        scheduler=names[0],
-        to_tensor=np.array,
+        lang, rank=0, mailbox=names[1], scheduler=names[0], to_tensor=to_tensor
     ).start()
     enc = EncoderEndpoint(
         SCHEMA, bootstrap=boot.address, transports=("tcp",), num_blocks=16, block_size=16
     ).start()
+    return sched, worker, enc
+
+
+def test_a_consumer_worker_reports_a_row_count_mismatch_and_frees_the_room(boot):
+    sched, worker, enc = consumer_and_encoder(boot, to_tensor=np.array)
     try:
         items = [Item("a", 20, 30)]
         assert not sched.ensure("r", {"embedlink": {"rooms": [5]}}, items, 0)
@@ -208,28 +217,8 @@ def test_a_zero_copy_consumer_lends_half_its_pool_and_gets_it_back_with_the_tens
     its blocks come back at once. Lent blocks come back only when nothing
     refers to the tensor any more (a slice of it is enough to keep them),
     not when the request finishes: vLLM keeps finished items cached."""
-    eid = uuid.uuid4().hex
-    names = (f"el-{eid}-s", f"el-{eid}-w0")
-    sched = ConsumerScheduler(
-        mailbox=names[0], workers=[names[1]], bootstrap=boot.address, deadline=30
-    ).start()
-    worker = ConsumerWorker(
-        LanguageEndpoint(
-            SCHEMA,
-            transports=("tcp",),
-            num_blocks=8,
-            block_size=16,
-            default_tokens=64,
-            zero_copy=True,
-        ),
-        rank=0,
-        mailbox=names[1],
-        scheduler=names[0],
-        to_tensor=lambda a: a,  # the engine's tensor: here the array itself
-    ).start()
-    enc = EncoderEndpoint(
-        SCHEMA, bootstrap=boot.address, transports=("tcp",), num_blocks=16, block_size=16
-    ).start()
+    # the engine's tensor: here the array itself
+    sched, worker, enc = consumer_and_encoder(boot, to_tensor=lambda a: a, zero_copy=True)
     try:
         assert worker.lend_limit == 4
         items = [Item("a", 30), Item("b", 30), Item("c", 30)]  # 2 blocks each
