@@ -33,7 +33,7 @@ from ._noise import NoiseLog
 from .auth import Authenticator
 from .bootstrap import BootstrapClient, RouteInfo
 from .embedding import Embedding, to_pool_arrays
-from .memory import BlockAllocator, BufferPool, pool_status
+from .memory import BlockAllocator, Borrowed, BufferPool, pool_status
 from .metrics import EndpointMetrics, MetricsExporter, rooms_by_status
 from .protocol import (
     AUX_FIELD,
@@ -116,7 +116,7 @@ class Sender:
         self._sent = False
         self._buffer: tuple[int, list[int]] | None = None
 
-    def send(self, emb: Embedding, *, timeout: float | None = None) -> None:
+    def send(self, emb: Embedding, *, timeout: float | None = None, borrow: bool = False) -> None:
         """Copy ``emb`` into the encoder pool and start sending it.
 
         Called once per room (or :meth:`buffer` and :meth:`commit` instead).
@@ -125,6 +125,13 @@ class Sender:
         is larger than the whole pool; waits up to ``timeout`` seconds
         (default: the room timeout) for free blocks, then fails the room and
         raises :class:`TransferError`.
+
+        ``borrow=True``: the room still reserves its blocks, but transports
+        that can read any host memory (``shm``, ``tcp``) send straight from
+        ``emb``'s arrays, saving the copy into the pool; others copy them into
+        the blocks when they first write. The caller must then leave the
+        arrays unchanged until the room ends (:meth:`poll` is terminal).
+        Arrays on a GPU, or a pool on one, are copied as without it.
         """
         self._claim("send()")
         ep = self._ep
@@ -135,7 +142,10 @@ class Sender:
             raise
         blocks = self._alloc(n, timeout, contiguous=False)
         try:
-            ep.pool.scatter(blocks, arrays)
+            if borrow and Borrowed.usable(ep.pool, arrays):
+                ep._borrowed[self._room] = Borrowed(ep.pool, blocks, arrays)
+            else:
+                ep.pool.scatter(blocks, arrays)
         except BaseException:
             ep.allocator.free(blocks)
             raise
@@ -345,6 +355,8 @@ class EncoderEndpoint:
         self.local_control = local_control
         # cleared rooms that still have a write in flight (kept for peer death)
         self._orphans: set[SenderRoom] = set()
+        #: payloads sent with ``borrow=True``, until their room frees its blocks
+        self._borrowed: dict[SenderRoom, Borrowed] = {}
         # terminal rooms in the order they ended, collected after room_ttl
         self.room_ttl = room_ttl
         self._auth = Authenticator(auth_secret)
@@ -490,6 +502,7 @@ class EncoderEndpoint:
             self._listener.close()
         if self._ctx is not None:
             self._ctx.term()
+        self._borrowed.clear()  # the callers' arrays, no longer read
         self.allocator.wake()
 
     def __enter__(self) -> EncoderEndpoint:
@@ -867,6 +880,7 @@ class EncoderEndpoint:
             elif isinstance(a, FreeBlocks):
                 self.allocator.free(a.blocks)
                 self._orphans.discard(room)
+                self._borrowed.pop(room, None)  # no write of the room is in flight
             elif isinstance(a, StatusChanged):
                 # bookkeeping: after the batch's messages have gone out
                 changes.append(a)
@@ -902,7 +916,16 @@ class EncoderEndpoint:
             ok, reason = False, f"no data-plane connection to {w.dst}"
         else:
             try:
-                writer.write(w.plan.copies, self.pool, timeout=self.room_timeout)
+                lent = self._borrowed.get(room)
+                if lent is None:
+                    writer.write(w.plan.copies, self.pool, timeout=self.room_timeout)
+                elif writer.reads_any_memory:
+                    counts = [seg.count for seg in w.plan.segments]
+                    sources = lent.sources(w.plan.copies, w.plan.start_token, counts)
+                    writer.write_from(w.plan.copies, sources, timeout=self.room_timeout)
+                else:
+                    lent.place()
+                    writer.write(w.plan.copies, self.pool, timeout=self.room_timeout)
             except TransportError as exc:
                 ok, reason = False, str(exc)
             except Exception as exc:  # a bug in a backend must still end the room

@@ -22,7 +22,14 @@ from . import _torch
 from .protocol.layout import AUX_DTYPE, AUX_FIELD, AUX_SIZE, BufferSchema
 from .protocol.types import BlockId
 
-__all__ = ["BlockAllocator", "BufferPool", "PoolLayout", "pool_layout", "pool_status"]
+__all__ = [
+    "BlockAllocator",
+    "Borrowed",
+    "BufferPool",
+    "PoolLayout",
+    "pool_layout",
+    "pool_status",
+]
 
 _ALIGN = 4096
 
@@ -304,6 +311,67 @@ class BufferPool:
         if done < count:
             raise ValueError(f"{count} tokens do not fit in {len(blocks)} blocks of {bs}")
         return runs
+
+
+class Borrowed:
+    """A room's payload read where the caller keeps it, not from the pool.
+
+    The room still holds its blocks in the encoder pool (its aux record lives
+    there, and so does the payload once :meth:`place` ran), but a transport
+    that can read any host memory (``shm``, ``tcp``) takes each chunk straight
+    from the caller's arrays: one copy fewer per room. The caller must leave
+    the arrays unchanged until the room ends.
+    """
+
+    def __init__(
+        self, pool: BufferPool, blocks: Sequence[BlockId], arrays: Mapping[str, Any]
+    ) -> None:
+        self._pool = pool
+        self._blocks = list(blocks)
+        self._arrays = dict(arrays)
+        self._raw: dict[str, memoryview] = {}
+        for f in pool.schema.fields:
+            a = self._arrays[f.name]
+            # flat bytes, in token order (a transposed field is copied here,
+            # it is the small one)
+            flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+            self._raw[f.name] = memoryview(flat)  # type: ignore[arg-type]
+        self._lock = threading.Lock()
+        self._placed = False
+
+    @staticmethod
+    def usable(pool: BufferPool, arrays: Mapping[str, Any]) -> bool:
+        """Whether ``arrays`` (from :func:`~embedlink.embedding.to_pool_arrays`)
+        can be lent: host numpy arrays for a host pool."""
+        return pool.on_host and all(isinstance(a, np.ndarray) for a in arrays.values())
+
+    def sources(self, copies: Sequence[Any], start_token: int, counts: Sequence[int]) -> list[Any]:
+        """The source bytes of each of a plan's ``copies`` (per field, one per
+        segment of ``counts`` tokens from ``start_token``, then the aux
+        record, as :func:`~embedlink.protocol.plan_chunk` orders them)."""
+        out: list[Any] = []
+        i = 0
+        for f in self._pool.schema.fields:
+            raw, tb = self._raw[f.name], f.token_bytes
+            t = start_token
+            for n in counts:
+                c = copies[i]
+                if c.field != f.name or c.length != n * tb:
+                    raise ValueError(f"copy {i} ({c.field}, {c.length} B) is not the plan's")
+                out.append(raw[t * tb : (t + n) * tb])
+                t += n
+                i += 1
+        for c in copies[i:]:
+            out.append(self._pool.field_bytes(c.field)[c.src_offset : c.src_offset + c.length])
+        return out
+
+    def place(self) -> None:
+        """Copy the payload into its blocks (once), for a transport that
+        reads only the pool (registered memory)."""
+        with self._lock:
+            if not self._placed:
+                self._pool.scatter(self._blocks, self._arrays)
+                self._placed = True
 
 
 class BlockAllocator:

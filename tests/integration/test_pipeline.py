@@ -3,8 +3,10 @@ working pipeline). The encoder runs in a spawned process; the language side
 runs in the test process where its statuses can be read, or in a process of
 its own for the load test."""
 
+import gc
 import random
 import time
+import weakref
 
 import ml_dtypes
 import numpy as np
@@ -421,6 +423,42 @@ def test_one_copy_path_buffer_commit_and_zero_copy_receive(boot, transport):
         # every write done on a worker thread was reported back: the encoder's
         # loop may busy-poll again (it does not while copies are in flight)
         assert enc._writes_out == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_borrowed_send_reads_the_callers_arrays_across_resumes(boot, transport):
+    """send(borrow=True): shm and tcp write every chunk straight from the
+    caller's arrays (the encoder pool's payload blocks are never written);
+    mooncake, which writes only from its registered pool, copies the payload
+    into the blocks first. Either way every byte arrives, through resumes."""
+    with (
+        EncoderEndpoint(
+            SCHEMA, bootstrap=boot.address, num_blocks=64, transports=(transport,)
+        ) as enc,
+        LanguageEndpoint(SCHEMA, num_blocks=40, transports=(transport,)) as lang,
+    ):
+        pool = enc.pool.array("embedding")
+        pool[:] = 0
+        rooms = {7: 2500, 8: 300}  # 2,500 tokens resume twice past the 1,024 default
+        rxs = {r: lang.receiver(bootstrap=boot.address, room=r) for r in rooms}
+        lent = []
+        for r, n in rooms.items():
+            emb = make_embedding(SCHEMA, n, 0, r)
+            lent.append(weakref.ref(emb.embedding))
+            enc.sender(r).send(emb, borrow=True)
+        del emb
+        for r, n in rooms.items():
+            assert same_embedding(rxs[r].wait(timeout=30), make_embedding(SCHEMA, n, 0, r))
+        assert (S.Transferring, 1024) in rxs[7].history
+        written = bool(np.any(pool.view(np.uint16)))
+        assert written == (transport == "mooncake")
+        assert enc.allocator.wait_all_free(5)
+        # the encoder lets go of the arrays with the blocks
+        deadline = time.monotonic() + 10
+        while any(ref() is not None for ref in lent) and time.monotonic() < deadline:
+            gc.collect()
+            time.sleep(0.01)
+        assert all(ref() is None for ref in lent)
 
 
 def token_offset(view, pool):

@@ -116,9 +116,12 @@ class Fake:
                 await asyncio.to_thread(self.gate.wait, WAIT)
             else:
                 await asyncio.sleep(0.01)
+        # before the end goes out: a client that saw the end knows it is set
+        # (set afterwards, a handler running late under load set it after the
+        # next test's reset)
+        self.stream_done.set()
         await out.write(b"data: [DONE]\n\n")
         await out.write_eof()
-        self.stream_done.set()
         return out
 
 

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from embedlink import BufferPool, BufferSchema
+from embedlink.memory import Borrowed
 from embedlink.protocol import AUX_FIELD, AUX_SIZE, plan_chunk
 
 SCHEMA = BufferSchema(hidden_size=3, dtype="bfloat16", extra_fields={"deep": ((2,), "int8")})
@@ -91,3 +92,44 @@ def test_every_token_of_every_field_copied_exactly_once(sc, data):
             expect += s_mv[p * tb : (p + 1) * tb]
         assert bytes(result[f.name]) == bytes(expect), f.name
         assert (covered[f.name] == 1).all(), f.name
+
+
+@given(scenarios(), st.data())
+def test_a_borrowed_payload_gives_each_copy_the_bytes_the_pool_would(sc, data):
+    """``Borrowed.sources`` (a room read from the caller's arrays) yields, for
+    every copy of every chunk, exactly the bytes the same copy reads from a
+    pool the payload was scattered into."""
+    bs, total, pool_blocks, src_blocks, dst_pool_blocks = sc
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    arrays = {}
+    for f in SCHEMA.fields:
+        raw = rng.integers(0, 256, size=total * f.token_bytes, dtype=np.uint8)
+        arrays[f.name] = raw.view(f.np_dtype).reshape((total, *f.shape))
+    placed = BufferPool(SCHEMA, pool_blocks, bs)
+    placed.scatter(src_blocks, arrays)
+    lent_pool = BufferPool(SCHEMA, pool_blocks, bs)
+    lent_pool.field_bytes(AUX_FIELD)[:] = placed.field_bytes(AUX_FIELD)  # the aux stays pooled
+    lent = Borrowed(lent_pool, src_blocks, arrays)
+    sent = 0
+    while sent < total:
+        n_blocks = data.draw(st.integers(1, dst_pool_blocks))
+        dst_blocks = data.draw(st.permutations(list(range(dst_pool_blocks))))[:n_blocks]
+        plan = plan_chunk(
+            schema=SCHEMA,
+            block_size=bs,
+            total_tokens=total,
+            sent_tokens=sent,
+            src_blocks=src_blocks,
+            dst_blocks=dst_blocks,
+            dst_tokens=data.draw(st.integers(1, n_blocks * bs)),
+        )
+        got = lent.sources(plan.copies, plan.start_token, [s.count for s in plan.segments])
+        assert len(got) == len(plan.copies)
+        for c, g in zip(plan.copies, got, strict=True):
+            want = placed.field_bytes(c.field)[c.src_offset : c.src_offset + c.length]
+            assert bytes(g) == bytes(want)
+        sent = plan.end_token
+    assert not np.any(lent_pool.array("embedding").view(np.uint16))  # never written
+    lent.place()
+    for f in SCHEMA.fields:
+        assert bytes(lent_pool.field_bytes(f.name)) == bytes(placed.field_bytes(f.name))

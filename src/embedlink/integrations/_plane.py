@@ -718,8 +718,9 @@ class ProducerScheduler:
 class ProducerWorker:
     """The sending rank of a producer. :meth:`plan`, :meth:`offer` and
     :meth:`saved` run on the model runner's thread and only queue work; a
-    thread of this worker creates the senders and copies each tensor into the
-    encoder pool (waiting there for free blocks, never the runner). At most
+    thread of this worker sends each tensor (waiting for free encoder blocks,
+    never the runner; ``shm`` and ``tcp`` read the tensor in place, other
+    transports copy it into the pool first). At most
     ``max_pending`` items wait for that thread; past it a room fails at once,
     with the reason, rather than holding the forward pass."""
 
@@ -824,7 +825,9 @@ class ProducerWorker:
             s.abort(f"the encoder output has {have} rows, the request expects {rows}")
             return
         try:
-            s.send(self._to_embedding(tensor))
+            # the engine never writes into an encoder output it cached, and
+            # the room's reference keeps the tensor alive: lend it in place
+            s.send(self._to_embedding(tensor), borrow=True)
             self.sent += 1
         except ValueError as exc:  # a width or dtype mismatch names the field
             s.abort(f"the encoder output does not fit the transfer schema: {exc}")

@@ -20,6 +20,7 @@ room that asked, and only that room.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from ..memory import BufferPool
 from ..protocol import Copy, EmbedlinkError, TransportOffer
@@ -131,10 +132,20 @@ class PeerWriter:
     #: internally loses throughput when several writes contend for it.
     max_concurrent_writes: int | None = None
 
+    #: :meth:`write_from` works: the writer can read any host memory, not
+    #: only a pool it registered
+    reads_any_memory: bool = False
+
     def write(self, copies: Sequence[Copy], src: BufferPool, timeout: float) -> None:
         """Copy every ``copies`` entry from ``src`` into the peer's pool, and return
         only once the bytes are in the peer's memory. Raises TransportError."""
         raise NotImplementedError
+
+    def write_from(self, copies: Sequence[Copy], sources: Sequence[Any], timeout: float) -> None:
+        """As :meth:`write`, reading copy ``i``'s bytes from ``sources[i]`` (a
+        host buffer of exactly ``copies[i].length`` bytes) instead of a pool.
+        Only where :attr:`reads_any_memory`."""
+        raise NotImplementedError(f"{self.name}: writes only from a registered pool")
 
     def close(self) -> None:
         """Release connections or mappings. No-op by default."""

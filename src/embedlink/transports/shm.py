@@ -163,6 +163,8 @@ class ShmWriter(PeerWriter):
             if name not in offsets or offsets[name] + size > nbytes:
                 raise TransportUnavailable(f"shm: region {name!r} lies outside the segment")
 
+    reads_any_memory = True
+
     def write(self, copies: Sequence[Copy], src: BufferPool, timeout: float) -> None:
         mem = self._mem
         if mem is None:
@@ -173,6 +175,15 @@ class ShmWriter(PeerWriter):
             d = self.offsets[c.field] + c.dst_offset
             s = src.layout[c.field][0] + c.src_offset
             mem[d : d + c.length] = back[s : s + c.length]
+
+    def write_from(self, copies: Sequence[Copy], sources: Sequence[Any], timeout: float) -> None:
+        mem = self._mem
+        if mem is None:
+            raise TransportError("shm: writer closed")
+        check_bounds(copies, self.regions)
+        for c, data in zip(copies, sources, strict=True):
+            d = self.offsets[c.field] + c.dst_offset
+            mem[d : d + c.length] = np.frombuffer(data, dtype=np.uint8, count=c.length)
 
     def close(self) -> None:
         with self._lock:

@@ -35,6 +35,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from ..memory import BufferPool
 from ..protocol import AUX_FIELD, Copy, TransportOffer
@@ -331,8 +332,21 @@ class TcpWriter(PeerWriter):
             ) from exc
         return s
 
+    reads_any_memory = True
+
     def write(self, copies: Sequence[Copy], src: BufferPool, timeout: float) -> None:
         check_bounds(copies, self.regions, src)
+        sources = [src.field_bytes(c.field)[c.src_offset : c.src_offset + c.length] for c in copies]
+        self._send(copies, sources, timeout)
+
+    def write_from(self, copies: Sequence[Copy], sources: Sequence[Any], timeout: float) -> None:
+        check_bounds(copies, self.regions)
+        for c, data in zip(copies, sources, strict=True):
+            if memoryview(data).nbytes != c.length:
+                raise WriteOutOfBounds(f"source of {c.field!r} is not {c.length} bytes")
+        self._send(copies, sources, timeout)
+
+    def _send(self, copies: Sequence[Copy], sources: Sequence[Any], timeout: float) -> None:
         for c in copies:
             if c.field not in self.ids:
                 raise WriteOutOfBounds(f"field {c.field!r} unknown to the peer")
@@ -344,9 +358,8 @@ class TcpWriter(PeerWriter):
                 _ENTRY.pack(self.ids[c.field], c.dst_offset, c.length) for c in copies
             )
             sock.sendall(head)
-            for c in copies:
-                mv = src.field_bytes(c.field)
-                sock.sendall(mv[c.src_offset : c.src_offset + c.length])
+            for data in sources:
+                sock.sendall(data)
             status, mlen = _REPLY.unpack(_recv_exact(sock, _REPLY.size))
             msg = _recv_exact(sock, mlen).decode(errors="replace") if mlen else ""
         except (OSError, ConnectionError) as exc:
