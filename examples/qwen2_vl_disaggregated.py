@@ -37,7 +37,7 @@ PROMPT = (
 )
 # (width, height) in pixels: 64, 270 and 768 image tokens after the processor's resize
 IMAGES = [(229, 229), (509, 425), (901, 677)]
-THREADS = 1  # the same in every process: a matrix product's rounding depends on it
+THREADS = 1  # the same in every process: how work is split among threads can change rounding
 
 
 def encoder(bootstrap: str, dtype: str, done: mp.Queue) -> None:
