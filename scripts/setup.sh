@@ -38,19 +38,23 @@ if [ "$extras" = test ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; 
 fi
 case "$extras" in
   "") spec="." ;;
-  test) spec=".[test,mooncake]" ;;
+  # examples: transformers and Pillow for the real-model demo and its test
+  # (tests/integration/test_vlm_demo.py); it needs torch, so it goes with it
+  test) if [ "${EMBEDLINK_TEST_TORCH:-1}" = 1 ]; then spec=".[test,mooncake,examples]"; else spec=".[test,mooncake]"; fi ;;
   *) spec=".[${extras}]" ;;
 esac
 stamp=".venv/.embedlink-installed-${extras:-base}"
 # Reinstall only when the project's metadata changed since the last install.
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e "$spec"
   if [ "$extras" = test ] && [ "${EMBEDLINK_TEST_TORCH:-1}" = 1 ]; then
     # torch tensors are an accepted input: test that path with the CPU build
     # (this kind of machine keeps the 2.13.0 CPU wheel on disk; set
     # EMBEDLINK_TEST_TORCH=0 to skip it, and those tests skip visibly).
+    # First, so that the examples extra's torch>=2.4 finds it installed
+    # instead of resolving to the newest (CUDA) build.
     .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
   fi
+  .venv/bin/python -m pip install -q -e "$spec"
   touch "$stamp"
 fi

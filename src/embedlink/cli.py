@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .examples import MODELS, PERTURBATIONS
 from .protocol import PROTOCOL_VERSION, BufferSchema, Status
 
 
@@ -41,15 +42,29 @@ def version() -> None:
 
 
 @main.command()
-@click.option("--requests", "-n", default=200, show_default=True, help="Requests to send.")
+@click.option(
+    "--model",
+    type=click.Choice(list(MODELS)),
+    default=None,
+    help="Run a real vision-language model (transformers, built in code with seeded random "
+    "weights) split across an encoder and a language process, and check its output bitwise "
+    "against the same model in one process. Needs embedlink[examples].",
+)
+@click.option(
+    "--requests",
+    "-n",
+    type=int,
+    default=None,
+    help="Requests to send [200; with --model: 8, one per built-in image set].",
+)
 @click.option("--min-tokens", default=64, show_default=True)
 @click.option("--max-tokens", default=8192, show_default=True)
 @click.option("--hidden-size", default=3584, show_default=True, help="Qwen2.5-VL-7B: 3584.")
 @click.option(
     "--default-tokens",
-    default=1024,
-    show_default=True,
-    help="Reservation before the length is known.",
+    type=int,
+    default=None,
+    help="Reservation before the length is known [1024; with --model: 256].",
 )
 @click.option("--block-size", default=128, show_default=True)
 @click.option("--transport", type=click.Choice(["shm", "tcp"]), default="shm", show_default=True)
@@ -66,12 +81,38 @@ def version() -> None:
 @click.option(
     "--timeout", default=600.0, show_default=True, help="Give up after this many seconds."
 )
+@click.option(
+    "--new-tokens", type=int, default=None, help="With --model: tokens generated per request [8]."
+)
+@click.option(
+    "--dtype",
+    "dtypes",
+    type=click.Choice(["float32", "bfloat16"]),
+    multiple=True,
+    help="With --model: the model's dtype; repeat for several [float32 and bfloat16].",
+)
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="With --model: torch threads in each of the three processes [1].",
+)
+@click.option(
+    "--perturb",
+    multiple=True,
+    metavar="ROOM:KIND",
+    help="With --model: change room ROOM's embedding at the encoder, to watch the check fail; "
+    f"KIND is one of {', '.join(PERTURBATIONS)}. Repeatable.",
+)
+@click.pass_context
 def demo(
-    requests: int,
+    click_ctx: click.Context,
+    model: str | None,
+    requests: int | None,
     min_tokens: int,
     max_tokens: int,
     hidden_size: int,
-    default_tokens: int,
+    default_tokens: int | None,
     block_size: int,
     transport: str,
     encoder_blocks: int | None,
@@ -79,6 +120,10 @@ def demo(
     window: int,
     seed: int,
     timeout: float,
+    new_tokens: int | None,
+    dtypes: tuple[str, ...],
+    threads: int | None,
+    perturb: tuple[str, ...],
 ) -> None:
     """Run the whole pipeline on this machine and verify every byte.
 
@@ -87,6 +132,13 @@ def demo(
     reservation of DEFAULT_TOKENS (so the longer ones resume), verifies each
     byte for byte at the language side, and prints a summary. Exits non-zero
     if any request fails.
+
+    With --model, the encoder runs the model's processor and vision tower on
+    real images of several sizes, the language process runs prefill and
+    greedy decoding from what arrived, a third process runs the whole model
+    on the same prompts, and the demo prints each request's tokens both ways
+    and whether every logit is bitwise equal. Exits non-zero on any
+    difference.
     """
     import multiprocessing as mp
     import queue
@@ -94,6 +146,48 @@ def demo(
     from .bootstrap import BootstrapServer
     from .workers import RoomResult, encoder_worker, language_worker
 
+    given = {
+        name
+        for name in click_ctx.params
+        if click_ctx.get_parameter_source(name)
+        in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    }
+
+    def flags(names: set[str]) -> str:
+        return ", ".join(sorted(p.opts[0] for p in click_ctx.command.params if p.name in names))
+
+    synthetic_only = {
+        "min_tokens",
+        "max_tokens",
+        "hidden_size",
+        "encoder_blocks",
+        "language_blocks",
+    }
+    model_only = {"new_tokens", "dtypes", "threads", "perturb"}
+    if model is not None:
+        if given & synthetic_only:
+            raise click.UsageError(
+                f"{flags(given & synthetic_only)}: not with --model (the model makes the embeddings)"
+            )
+        _demo_model(
+            model,
+            requests=requests,
+            default_tokens=256 if default_tokens is None else default_tokens,
+            block_size=block_size,
+            transport=transport,
+            window=window,
+            seed=seed,
+            timeout=timeout,
+            new_tokens=8 if new_tokens is None else new_tokens,
+            dtypes=dtypes or ("float32", "bfloat16"),
+            threads=1 if threads is None else threads,
+            perturb=perturb,
+        )
+        return
+    if given & model_only:
+        raise click.UsageError(f"{flags(given & model_only)}: only with --model")
+    requests = 200 if requests is None else requests
+    default_tokens = 1024 if default_tokens is None else default_tokens
     if not 1 <= min_tokens <= max_tokens:
         raise click.BadParameter("need 1 <= --min-tokens <= --max-tokens")
     if requests < 1:
@@ -183,6 +277,78 @@ def demo(
                     p.kill()
     _summary(console, schema, results, wall, transport, end, enc_reply)
     if any(not r.ok for r in results) or len(results) != requests:
+        raise SystemExit(1)
+
+
+def _demo_model(
+    model: str,
+    *,
+    requests: int | None,
+    default_tokens: int,
+    block_size: int,
+    transport: str,
+    window: int,
+    seed: int,
+    timeout: float,
+    new_tokens: int,
+    dtypes: tuple[str, ...],
+    threads: int,
+    perturb: tuple[str, ...],
+) -> None:
+    """``embedlink demo --model``: see :mod:`embedlink.examples.vlm_demo`."""
+    from .examples import missing_dependencies
+
+    missing = missing_dependencies()
+    if missing:
+        raise click.ClickException(
+            f"--model needs torch, transformers, tokenizers and Pillow (missing: "
+            f"{', '.join(missing)}): pip install 'embedlink[examples]'"
+        )
+    from .examples import vlm_demo
+
+    changes: dict[int, str] = {}
+    for item in perturb:
+        room, sep, kind = item.partition(":")
+        if not sep or not room.strip().isdigit():
+            raise click.BadParameter(f"{item!r}: expected ROOM:KIND", param_hint="--perturb")
+        changes[int(room)] = kind.strip()
+    if requests is not None and requests < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--requests")
+    console = Console()
+    n_cases = len(dtypes)
+    n_rooms = requests or len(vlm_demo.DEFAULT_REQUESTS)
+    with Progress(
+        TextColumn(f"[bold]demo --model {model}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[last]}"),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("rooms", total=n_cases * n_rooms, last="starting the processes")
+        try:
+            result = vlm_demo.run(
+                [model],
+                dtypes,
+                requests=requests,
+                new_tokens=new_tokens,
+                threads=threads,
+                default_tokens=default_tokens,
+                block_size=block_size,
+                transport=transport,
+                window=window,
+                seed=seed,
+                perturb=changes,
+                timeout=timeout,
+                progress=lambda line: bar.update(task, advance=1, last=line),
+            )
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        except (RuntimeError, TimeoutError) as exc:
+            raise click.ClickException(str(exc)) from None
+    vlm_demo.report(result, console)
+    if not result.ok:
         raise SystemExit(1)
 
 

@@ -54,6 +54,26 @@ def test_cli_demo_rejects_bad_flags():
     assert "min-tokens" in p.stdout + p.stderr
 
 
+def test_cli_demo_model_rejects_an_unknown_model_and_misplaced_flags():
+    # no model is loaded for any of these: they need no embedlink[examples]
+    bad = run(sys.executable, "-m", "embedlink.cli", "demo", "--model", "llava-huge")
+    assert bad.returncode == 2
+    assert "'llava-huge' is not one of 'qwen2-vl-tiny', 'qwen3-vl-tiny'" in bad.stderr
+    bad = run(
+        sys.executable,
+        "-m",
+        "embedlink.cli",
+        "demo",
+        "--model",
+        "qwen2-vl-tiny",
+        "--hidden-size",
+        "64",
+    )
+    assert bad.returncode == 2 and "--hidden-size: not with --model" in bad.stderr
+    bad = run(sys.executable, "-m", "embedlink.cli", "demo", "--new-tokens", "3")
+    assert bad.returncode == 2 and "--new-tokens: only with --model" in bad.stderr
+
+
 def quick_bench(*args):
     """``embedlink bench --quick --json`` at hidden size 256, plus ``args``."""
     cmd = [sys.executable, "-m", "embedlink.cli", "bench", "--quick", "--json"]
