@@ -37,6 +37,7 @@ from .memory import BlockAllocator, Borrowed, BufferPool, pool_status
 from .metrics import EndpointMetrics, MetricsExporter, rooms_by_status
 from .protocol import (
     AUX_FIELD,
+    MAX_META_BYTES,
     Abort,
     Action,
     BufferSchema,
@@ -106,6 +107,15 @@ class EndpointStats:
     unauthenticated_messages: int = 0
 
 
+def _check_meta(room: RoomId, meta: bytes | None) -> None:
+    if meta is None:
+        return
+    if not isinstance(meta, bytes):
+        raise ValueError(f"room {room}: meta must be bytes, got {type(meta).__name__}")
+    if len(meta) > MAX_META_BYTES:
+        raise ValueError(f"room {room}: meta of {len(meta)} bytes exceeds {MAX_META_BYTES}")
+
+
 class Sender:
     """One room on the encoder side. Obtain from :meth:`EncoderEndpoint.sender`."""
 
@@ -116,7 +126,14 @@ class Sender:
         self._sent = False
         self._buffer: tuple[int, list[int]] | None = None
 
-    def send(self, emb: Embedding, *, timeout: float | None = None, borrow: bool = False) -> None:
+    def send(
+        self,
+        emb: Embedding,
+        *,
+        timeout: float | None = None,
+        borrow: bool = False,
+        meta: bytes | None = None,
+    ) -> None:
         """Copy ``emb`` into the encoder pool and start sending it.
 
         Called once per room (or :meth:`buffer` and :meth:`commit` instead).
@@ -132,10 +149,14 @@ class Sender:
         the blocks when they first write. The caller must then leave the
         arrays unchanged until the room ends (:meth:`poll` is terminal).
         Arrays on a GPU, or a pool on one, are copied as without it.
+
+        ``meta``: up to 64 KiB the receiver reads as :attr:`Receiver.meta`
+        (an engine's per-item metadata: image grids, timestamps, modality).
         """
         self._claim("send()")
         ep = self._ep
         try:
+            _check_meta(self.room, meta)
             n, arrays = to_pool_arrays(emb, ep.schema, torch_device=ep.pool.device)
         except ValueError:
             self._sent = False
@@ -149,7 +170,7 @@ class Sender:
         except BaseException:
             ep.allocator.free(blocks)
             raise
-        self._start(n, blocks, emb.mrope_position_delta, arrays)
+        self._start(n, blocks, emb.mrope_position_delta, arrays, meta)
 
     def buffer(self, num_tokens: int, *, timeout: float | None = None) -> Embedding:
         """Reserve ``num_tokens`` tokens in the encoder pool and return them as an
@@ -181,14 +202,16 @@ class Sender:
             extra=extra,
         )
 
-    def commit(self, *, mrope_position_delta: int = 0) -> None:
-        """Start sending what was written into :meth:`buffer`."""
+    def commit(self, *, mrope_position_delta: int = 0, meta: bytes | None = None) -> None:
+        """Start sending what was written into :meth:`buffer` (``meta`` as
+        for :meth:`send`)."""
         if self._buffer is None:
             raise ValueError(f"room {self.room}: commit() without buffer()")
+        _check_meta(self.room, meta)
         n, blocks = self._buffer
         self._buffer = None
         self._ep.pool.synchronize()
-        self._start(n, blocks, mrope_position_delta, None)
+        self._start(n, blocks, mrope_position_delta, None, meta)
 
     def _claim(self, what: str) -> None:
         if self._sent:
@@ -215,7 +238,14 @@ class Sender:
             raise TransferError(self.room, reason)
         return blocks
 
-    def _start(self, n: int, blocks: list[int], delta: int, arrays: dict[str, Any] | None) -> None:
+    def _start(
+        self,
+        n: int,
+        blocks: list[int],
+        delta: int,
+        arrays: dict[str, Any] | None,
+        meta: bytes | None = None,
+    ) -> None:
         ep = self._ep
         checks = ep.checksums and arrays is not None and not ep.pool.is_torch
         try:
@@ -229,7 +259,7 @@ class Sender:
         except BaseException:
             ep.allocator.free(blocks)
             raise
-        ep._loop.call(ep._data_ready, self._room, n, blocks)
+        ep._loop.call(ep._data_ready, self._room, n, blocks, meta)
 
     def poll(self) -> Status:
         """The room's status now. Never blocks; safe from any thread."""
@@ -605,8 +635,10 @@ class EncoderEndpoint:
         for _, identity, msg in self._early.pop(room.room, []):
             self._dispatch(identity, msg, room)
 
-    def _data_ready(self, room: SenderRoom, n: int, blocks: list[int]) -> None:
-        self._run(room, self._step(room.data_ready, n, blocks, time.monotonic()))
+    def _data_ready(
+        self, room: SenderRoom, n: int, blocks: list[int], meta: bytes | None = None
+    ) -> None:
+        self._run(room, self._step(room.data_ready, n, blocks, time.monotonic(), meta))
 
     def _step(self, event: Callable[..., list[Action]], *args: Any) -> list[Action]:
         """Feed one event to a room's state machine (``event`` is one of its

@@ -185,6 +185,12 @@ class Receiver:
         return self._live.room.failure_reason
 
     @property
+    def meta(self) -> bytes | None:
+        """What the encoder attached to the embedding (``Sender.send(...,
+        meta=)``), once the first chunk arrived; None when it attached nothing."""
+        return self._live.room.meta
+
+    @property
     def history(self) -> list[tuple[Status, int]]:
         """``(status, sent_tokens)`` in the order observed."""
         return self._live.room.history

@@ -133,7 +133,12 @@ class Link:
         for d in self.dests.values():
             self._run_receiver(d, d.room.start(self.now))
 
-    def send(self, arrays: dict[str, np.ndarray[Any, Any]], mrope_delta: int = 0) -> bool:
+    def send(
+        self,
+        arrays: dict[str, np.ndarray[Any, Any]],
+        mrope_delta: int = 0,
+        meta: bytes | None = None,
+    ) -> bool:
         """Copy an embedding into the sender pool; False when the pool is full."""
         n = next(iter(arrays.values())).shape[0]
         blocks = self.sender_ep.alloc.alloc(-(-n // self.block_size))
@@ -147,7 +152,7 @@ class Link:
             checksum=checksum(arrays),
             flags=1,
         )
-        self._run_sender(self.sender.data_ready(n, blocks, self.now))
+        self._run_sender(self.sender.data_ready(n, blocks, self.now, meta))
         return True
 
     def deliver(self, i: int = 0, *, keep: bool = False) -> None:

@@ -461,6 +461,44 @@ def test_a_borrowed_send_reads_the_callers_arrays_across_resumes(boot, transport
         assert all(ref() is None for ref in lent)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_meta_travels_with_the_embedding_through_resumes(boot, transport):
+    """Bytes attached with send(meta=) or commit(meta=) are the receiver's
+    ``meta`` once the room succeeds, also when it resumed; none attached is
+    None; more than 64 KiB is refused naming the limit, the room untouched."""
+    from embedlink.protocol import MAX_META_BYTES
+
+    with (
+        EncoderEndpoint(
+            SCHEMA, bootstrap=boot.address, num_blocks=64, transports=(transport,)
+        ) as enc,
+        LanguageEndpoint(SCHEMA, num_blocks=40, transports=(transport,)) as lang,
+    ):
+        meta = bytes(range(256)) * 8
+        rx1 = lang.receiver(bootstrap=boot.address, room=1)
+        rx2 = lang.receiver(bootstrap=boot.address, room=2)
+        rx3 = lang.receiver(bootstrap=boot.address, room=3)
+        tx1 = enc.sender(1)
+        with pytest.raises(ValueError, match=str(MAX_META_BYTES)):
+            tx1.send(make_embedding(SCHEMA, 10, 0, 1), meta=b"x" * (MAX_META_BYTES + 1))
+        tx1.send(make_embedding(SCHEMA, 2500, 0, 1), meta=meta)  # the room is still usable
+        enc.sender(2).send(make_embedding(SCHEMA, 100, 0, 2))
+        tx3 = enc.sender(3)
+        buf = tx3.buffer(50)
+        want3 = make_embedding(SCHEMA, 50, 0, 3)
+        buf.embedding[:] = want3.embedding
+        buf.token_ids[:] = want3.token_ids
+        buf.mrope_positions[:] = want3.mrope_positions
+        tx3.commit(mrope_position_delta=want3.mrope_position_delta, meta=b"three")
+        assert same_embedding(rx1.wait(timeout=30), make_embedding(SCHEMA, 2500, 0, 1))
+        assert (S.Transferring, 1024) in rx1.history
+        assert rx1.meta == meta
+        assert same_embedding(rx2.wait(timeout=30), make_embedding(SCHEMA, 100, 0, 2))
+        assert rx2.meta is None
+        assert same_embedding(rx3.wait(timeout=30), want3)
+        assert rx3.meta == b"three"
+
+
 def token_offset(view, pool):
     """Which pool token a view of the embedding field starts at."""
     return (view.__array_interface__["data"][0] - pool.__array_interface__["data"][0]) // (

@@ -343,3 +343,43 @@ def test_sender_fails_on_abort_from_a_destination_that_never_requested():
         type(a) for a in tx2.peer_abort(Abort(session="b", room=2, epoch=1, reason="x"), 1)
     ] == [Drop]
     assert tx2.status is S.WaitingForInput
+
+
+# -- what the sender attaches to the embedding ----------------------------------------
+
+
+def test_meta_reaches_every_destination_with_the_first_chunk_and_survives_resumes():
+    link = make_link(n_dst=2, default_tokens=256)
+    link.start()
+    data = embedding(1000, seed=3)
+    link.send(data, meta=b"\x00grid=[[1,28,36]]")
+    first_updates = []
+    for _ in range(100_000):  # link.run(), noting each status update on the wire
+        if link.writes:
+            link.complete_write(0)
+        elif link.wire:
+            m = link.wire[0]
+            if isinstance(m.msg, StatusUpdate):
+                first_updates.append((m.to, m.msg.sent_tokens, m.msg.meta))
+            link.deliver(0)
+        elif any(d.pending_reserve is not None for d in link.dests.values()):
+            link.retry_reservations()
+        else:
+            break
+    for name, d in link.dests.items():
+        assert d.room.status is OK
+        assert (T, 256) in d.room.history  # it resumed
+        assert d.room.meta == b"\x00grid=[[1,28,36]]"
+        assert same_bytes(link.result(name), data)
+    # carried once per destination: only the first chunk's update has it
+    with_meta = [u for u in first_updates if u[2] is not None]
+    assert sorted(u[1] for u in with_meta) == [256, 256]
+
+
+def test_meta_over_the_limit_is_refused_before_anything_moves():
+    from embedlink.protocol import MAX_META_BYTES
+
+    room = SenderRoom(1, schema=SCHEMA, block_size=128, now=0.0, timeout=30.0)
+    with pytest.raises(PlanError, match="meta"):
+        room.data_ready(10, [0], 0.0, b"x" * (MAX_META_BYTES + 1))
+    assert room.total_tokens is None

@@ -17,6 +17,7 @@ from .layout import AUX_DTYPE, AUX_FIELD, AUX_SIZE, BufferSchema, FieldSpec, res
 from .messages import (
     MAX_BLOCKS,
     MAX_MESSAGE_BYTES,
+    MAX_META_BYTES,
     MAX_TOKENS,
     PROTOCOL_VERSION,
     Abort,
@@ -55,6 +56,7 @@ __all__ = [
     "AUX_SIZE",
     "MAX_BLOCKS",
     "MAX_MESSAGE_BYTES",
+    "MAX_META_BYTES",
     "MAX_TOKENS",
     "PROTOCOL_VERSION",
     "TERMINAL",

@@ -33,6 +33,7 @@ from .status import Status
 __all__ = [
     "MAX_BLOCKS",
     "MAX_MESSAGE_BYTES",
+    "MAX_META_BYTES",
     "MAX_TOKENS",
     "PROTOCOL_VERSION",
     "Abort",
@@ -53,7 +54,8 @@ __all__ = [
 #:
 #: Version history:
 #:   1 - initial: Register, TransferRequest, Resume, StatusUpdate, Abort, Heartbeat
-#:       (Heartbeat.registered, defaulting to true, was added before any release).
+#:       (Heartbeat.registered, defaulting to true, and StatusUpdate.meta,
+#:       defaulting to none, were added before any release).
 PROTOCOL_VERSION: Final = 1
 
 #: Largest control message accepted, in bytes.
@@ -64,6 +66,8 @@ MAX_BLOCKS: Final = 1 << 16
 MAX_TOKENS: Final = 1 << 26
 #: Most destination ranks one room may have.
 MAX_RANKS: Final = 4096
+#: Most bytes a sender may attach to one embedding (:attr:`StatusUpdate.meta`).
+MAX_META_BYTES: Final = 1 << 16
 _MAX_STR: Final = 256
 _MAX_REASON: Final = 4096
 
@@ -154,6 +158,9 @@ class StatusUpdate(_Msg, frozen=True, tag="status"):
     sent_tokens: TokensT
     total_tokens: TokensT
     reason: ReasonT | None = None
+    #: what the sender attached to the embedding (an engine's per-item
+    #: metadata), on the first chunk's update only
+    meta: Annotated[bytes, Meta(max_length=MAX_META_BYTES)] | None = None
 
 
 class Abort(_Msg, frozen=True, tag="abort"):

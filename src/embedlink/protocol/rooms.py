@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 from .errors import IllegalTransition, PlanError
 from .layout import BufferSchema
-from .messages import Abort, Message, Resume, StatusUpdate, TransferRequest
+from .messages import MAX_META_BYTES, Abort, Message, Resume, StatusUpdate, TransferRequest
 from .planner import Plan, plan_chunk
 from .status import Status, transition
 from .types import BlockId, Epoch, RoomId, SessionId
@@ -271,6 +271,9 @@ class SenderRoom(_Room):
         self.total_tokens: int | None = None
         self.src_blocks: tuple[BlockId, ...] | None = None
         self.dsts: dict[SessionId, _Dst] = {}
+        #: bytes the sender attached to the embedding (the first chunk's
+        #: status update carries them to each destination)
+        self.meta: bytes | None = None
         self._src_freed = False
 
     def _progress_tokens(self) -> int:
@@ -345,16 +348,24 @@ class SenderRoom(_Room):
         return out
 
     def data_ready(
-        self, total_tokens: int, src_blocks: Sequence[BlockId], now: float
+        self,
+        total_tokens: int,
+        src_blocks: Sequence[BlockId],
+        now: float,
+        meta: bytes | None = None,
     ) -> list[Action]:
-        """The embedding (``total_tokens`` tokens) now sits in ``src_blocks``."""
+        """The embedding (``total_tokens`` tokens) now sits in ``src_blocks``;
+        ``meta`` (at most :data:`MAX_META_BYTES`) goes with it."""
         out: list[Action] = []
         if self.total_tokens is not None:
             raise PlanError(f"room {self.room}: data was already sent")
         if total_tokens <= 0:
             raise PlanError(f"room {self.room}: an embedding needs at least one token")
+        if meta is not None and len(meta) > MAX_META_BYTES:
+            raise PlanError(f"room {self.room}: {len(meta)} bytes of meta exceed {MAX_META_BYTES}")
         self.total_tokens = total_tokens
         self.src_blocks = tuple(src_blocks)
+        self.meta = meta
         if self.done:  # aborted or failed before the data came: nothing will use it
             self._free_src(out)
             return out
@@ -426,6 +437,8 @@ class SenderRoom(_Room):
                     status=dst_status,
                     sent_tokens=d.delivered,
                     total_tokens=self.total_tokens,
+                    # with the first chunk, which every destination gets
+                    meta=self.meta if plan.start_token == 0 else None,
                 ),
                 dst,
             )
@@ -632,6 +645,8 @@ class ReceiverRoom(_Room):
         self._requested = False  # the encoder knows this room (a request went out)
         self._want: int | None = None  # a Reserve is outstanding
         self._aux_block: BlockId | None = None
+        #: what the sender attached to the embedding (with its first chunk)
+        self.meta: bytes | None = None
 
     def _progress_tokens(self) -> int:
         return self.delivered
@@ -749,6 +764,8 @@ class ReceiverRoom(_Room):
         count = msg.sent_tokens - self.delivered
         first = self.delivered == 0
         self.total_tokens = msg.total_tokens
+        if first and msg.meta is not None:
+            self.meta = msg.meta
         out.append(
             Harvest(
                 start_token=self.delivered,
