@@ -30,4 +30,17 @@ if [ "${EMBEDLINK_TEST_VLLM:-1}" = 1 ]; then
 else
   echo "== vLLM tier skipped (EMBEDLINK_TEST_VLLM=0)"
 fi
+# The SGLang tier: the real SGLang 0.5.23 in its own environment (torch
+# 2.14.1, which SGLang's imports need). EMBEDLINK_TEST_SGLANG=0 skips it.
+if [ "${EMBEDLINK_TEST_SGLANG:-1}" = 1 ]; then
+  echo "== SGLang tier (tests/sglang in .venv-sglang)"
+  scripts/setup_sglang.sh
+  set +e
+  .venv-sglang/bin/python -m pytest tests/sglang "$@"
+  src=$?
+  set -e
+  if [ "$rc" = 0 ] && [ "$src" != 5 ]; then rc=$src; fi
+else
+  echo "== SGLang tier skipped (EMBEDLINK_TEST_SGLANG=0)"
+fi
 exit "$rc"

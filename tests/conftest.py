@@ -17,8 +17,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 # tests/vllm runs in its own environment (scripts/setup_vllm.sh builds it and
 # scripts/test.sh runs it); elsewhere there is nothing to collect there.
-if importlib.util.find_spec("vllm") is None:
-    collect_ignore = ["vllm"]
+# Likewise tests/sglang (scripts/setup_sglang.sh).
+collect_ignore = [tier for tier in ("vllm", "sglang") if importlib.util.find_spec(tier) is None]
 
 
 @pytest.fixture

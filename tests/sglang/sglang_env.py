@@ -1,0 +1,241 @@
+"""What it takes to run SGLang 0.5.23's real EPD classes without a model, on
+the CPU (docs/research/sglang-0.5.23-epd.md, section 8 and appendix B).
+
+Real: ``ServerArgs`` and ``publish`` (over a config-only model directory),
+a gloo tensor-parallel group, the scheduler-side ``MMReceiverHTTP`` with its
+waiting requests, registration thread and all-reduce, the tokenizer-side
+dispatch of ``/encode``, the encoder's FastAPI app and its request lifecycle
+(``batch_encode``, ``send_with_url``, ``ReqState``, ``SendDestination``,
+``EmbeddingData``, the delivery). Stand-ins, each only for what needs a
+model: the model's multimodal processor (:class:`RecordingMMProcessor`), the
+encoder's constructor (:func:`encoder_shell`: it loads weights), its HF
+preprocessing and vision forward (:func:`fake_model_stage`), and the
+scheduler fields ``create_req`` reads (:func:`scheduler_stub`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import socket
+from array import array
+from types import SimpleNamespace
+from typing import Any
+
+os.environ.setdefault("SGLANG_HOST_IP", "127.0.0.1")  # SGLang binds and registers this
+
+HIDDEN = 256
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: str) -> str:
+    """A model directory holding only a Qwen2-VL ``config.json`` (no weights,
+    no tokenizer): enough for ``ServerArgs`` and ``publish``."""
+    import transformers
+
+    cfg = transformers.Qwen2VLConfig()
+    cfg.architectures = ["Qwen2VLForConditionalGeneration"]
+    cfg.save_pretrained(path)
+    return path
+
+
+def server_args(model_dir: str, **kw: Any) -> Any:
+    from sglang.srt.server_args import ServerArgs
+
+    base = dict(
+        model_path=model_dir,
+        device="cpu",
+        skip_tokenizer_init=True,
+        host="127.0.0.1",
+        encoder_transfer_backend="zmq_to_scheduler",
+    )
+    base.update(kw)
+    return ServerArgs(**base)
+
+
+def publish_scheduler(sa: Any) -> None:
+    from sglang.srt.runtime_context import SpawnRanks, publish
+
+    publish(sa, role="scheduler", ranks=SpawnRanks(world_rank=0, dp_rank=None, gpu_id=0))
+
+
+def gloo_world_of_one() -> None:
+    """SGLang's smallest real TP group (its all-reduce runs even at TP 1)."""
+    from sglang.srt.distributed.parallel_state import (
+        init_distributed_environment,
+        initialize_model_parallel,
+    )
+
+    init_distributed_environment(
+        world_size=1,
+        rank=0,
+        local_rank=0,
+        backend="gloo",
+        distributed_init_method=f"tcp://127.0.0.1:{free_port()}",
+    )
+    initialize_model_parallel()
+
+
+def recv_req(rid: str, assigned: Any, urls: list[str]) -> Any:
+    """A real ``TokenizedGenerateReqInput`` as the scheduler gets it in EPD
+    mode (the tokenizer manager's dispatch filled ``num_items_assigned`` and
+    ``encoder_urls``)."""
+    from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    return TokenizedGenerateReqInput(
+        rid=rid,
+        input_text="<image> describe",
+        input_ids=array("q", (1, 2, 3)),
+        input_embeds=None,
+        mm_inputs=None,
+        token_type_ids=None,
+        sampling_params=SamplingParams(max_new_tokens=4),
+        return_logprob=False,
+        logprob_start_len=-1,
+        top_logprobs_num=0,
+        token_ids_logprob=None,
+        stream=False,
+        need_wait_for_mm_inputs=True,
+        num_items_assigned=assigned,
+        encoder_urls=urls,
+    )
+
+
+class RecordingMMProcessor:
+    """Stand-in for the model's multimodal processor (the real one needs the
+    model's HF processor files): what SGLang's ``_finish_assemble`` calls,
+    returning SGLang's real output type, recording what it was given."""
+
+    prefer_tokenized_input = False
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, Any, dict[str, Any]]] = []
+
+    def get_validated_mm_data(self, prompt: Any, embeddings: Any, **meta: Any) -> Any:
+        from sglang.srt.managers.schedule_batch import (
+            MultimodalDataItem,
+            MultimodalProcessorOutput,
+        )
+
+        self.calls.append((prompt, embeddings, meta))
+        items = [
+            MultimodalDataItem(modality=m, precomputed_embeddings=e) for m, e in embeddings.items()
+        ]
+        return MultimodalProcessorOutput(mm_items=items, input_ids=[7, 7, 7, 7])
+
+
+def scheduler_stub() -> Any:
+    """Stand-in for the scheduler fields ``MMReceiverBase.create_req`` reads
+    (it builds the real ``Req`` a failed request is aborted with)."""
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
+    return SimpleNamespace(
+        model_config=SimpleNamespace(hf_eos_token_id=None, vocab_size=1000),
+        disaggregation_mode=DisaggregationMode.NULL,
+        metrics_reporter=SimpleNamespace(enable_metrics=False),
+        metrics_collector=None,
+        dllm_config=None,
+        tokenizer=None,
+    )
+
+
+def part_seed(part_rid: str) -> int:
+    return sum(map(ord, part_rid)) * 31 + len(part_rid)
+
+
+def expected_rows(n: int, width: int, seed: int) -> Any:
+    """What the stand-in vision forward produces for a batch of ``n`` tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, width, generator=g).to(torch.bfloat16)
+
+
+def encoder_shell(dim: int) -> Any:
+    """Stand-in for ``MMEncoder.__init__`` (it loads the model's weights and
+    sets up its TP group): the attributes the rank-0 request lifecycle reads,
+    set as ``__init__`` sets them, and the delivery built by the same global
+    lookup (``ZmqDelivery(...)``: the plugin's class once it is installed)."""
+    import torch
+    import zmq
+    import zmq.asyncio
+    from sglang.srt.disaggregation.encoder import server as srv
+    from sglang.srt.managers.schedule_batch import Modality
+
+    enc = object.__new__(srv.MMEncoder)
+    enc.transfer_backend = "zmq_to_scheduler"
+    enc.use_mooncake = False
+    enc.rank = 0
+    enc.dp_rank = 0
+    enc.profiler = None
+    enc.mm_global_cache = None
+    enc.context = zmq.asyncio.Context(2)
+    enc.sync_context = zmq.Context()
+    enc.scheduler_send_sockets = {}
+    enc.scheduler_send_locks = {}
+    enc.executor = concurrent.futures.ThreadPoolExecutor(max_workers=10)
+    enc.send_timeout = 30.0
+    enc.background_tasks = set()
+    enc._embedding_dtype = torch.bfloat16
+    enc._element_size = 2
+    enc._embedding_dims = {Modality.IMAGE: dim, Modality.VIDEO: dim, Modality.AUDIO: dim}
+    enc.model_type = "qwen2_vl"
+    enc.req_states = {}
+    enc.abandoned_req_ids = set()
+    enc.encode_dispatch_lock = asyncio.Lock()
+    enc.delivery = srv.ZmqDelivery(enc, cleanup_receive_state=True)
+    return enc
+
+
+def fake_model_stage(enc: Any, tokens: dict[str, int], fail: str = "", hang: str = "") -> None:
+    """Stand-ins for the two model stages of ``MMEncoder.batch_encode``:
+    HF preprocessing (``tokens[rid]`` tokens per item, default 4) and the
+    vision forward (seeded rows; raises for a rid containing ``fail``, waits
+    for a rid containing ``hang``). Everything around them is SGLang's."""
+    import torch
+    from sglang.srt.disaggregation.encoder import server as srv
+    from sglang.srt.disaggregation.encoder.preprocessor import EncoderPreprocessResult
+
+    def count(rid: str) -> int:
+        base = rid.rsplit("_local_part_", 1)[0]
+        return int(tokens.get(rid, tokens.get(base, 4)))
+
+    async def _prepare_encode_context(
+        requests: Any, modality: Any, *, use_global_cache: Any, is_health_check: bool = False
+    ) -> Any:
+        n_items = [len(r["mm_items"]) for r in requests]
+        per = [count(r["req_id"]) for r, k in zip(requests, n_items, strict=False) for _ in range(k)]
+        grid = torch.tensor([[1, 2, 2 * t] for t in per])  # 2x2 merge: t tokens per item
+        pre = EncoderPreprocessResult(mm_inputs={}, grid_thw=grid, token_counts=per)
+        return srv.EncodeContext(
+            req_id=requests[0]["req_id"],
+            modality=modality,
+            preprocess_result=pre,
+            get_feature_fn=None,
+            mm_feature=None,
+            num_items=sum(n_items),
+            items_per_req=n_items,
+            aux_data={},
+            str_mm_hashes=None,
+            use_global_cache=False,
+            is_health_check=is_health_check,
+        )
+
+    async def _compute_embedding(ctx: Any, *, keep_on_gpu: Any) -> Any:
+        rid = str(ctx.req_id)
+        if fail and fail in rid:
+            raise RuntimeError(f"vision tower exploded on {rid}")
+        if hang and hang in rid:
+            await asyncio.sleep(3600)
+        n = sum(ctx.preprocess_result.token_counts)
+        return expected_rows(n, enc._embedding_dims[ctx.modality], part_seed(rid))
+
+    enc._prepare_encode_context = _prepare_encode_context
+    enc._compute_embedding = _compute_embedding
