@@ -211,7 +211,9 @@ def fake_model_stage(enc: Any, tokens: dict[str, int], fail: str = "", hang: str
         requests: Any, modality: Any, *, use_global_cache: Any, is_health_check: bool = False
     ) -> Any:
         n_items = [len(r["mm_items"]) for r in requests]
-        per = [count(r["req_id"]) for r, k in zip(requests, n_items, strict=False) for _ in range(k)]
+        per = [
+            count(r["req_id"]) for r, k in zip(requests, n_items, strict=False) for _ in range(k)
+        ]
         grid = torch.tensor([[1, 2, 2 * t] for t in per])  # 2x2 merge: t tokens per item
         pre = EncoderPreprocessResult(mm_inputs={}, grid_thw=grid, token_counts=per)
         return srv.EncodeContext(
