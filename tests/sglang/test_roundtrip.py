@@ -54,7 +54,17 @@ def test_two_parts_one_resumed_arrive_byte_exact_through_sglangs_aggregation(
     assert not rx.waiting_list
     rep = pools_free()
     assert all(v["used"] == 0 for v in rep["language"].values()), rep
-    assert status_report()["language"], "no embedlink endpoint was used"
+    recent = {p["part"]: p for p in status_report()["recent_parts"]}
+    big, small = recent[_part(rid, 0)]["history"], recent[_part(rid, 1)]["history"]
+    # the 2,000-token part resumed once, at the 1,024-token default; the other did not
+    assert [tuple(x) for x in big] == [
+        ("Bootstrapping", 0), ("WaitingForInput", 0), ("Transferring", 1024), ("Success", 2000)
+    ]  # fmt: skip
+    assert [tuple(x) for x in small] == [
+        ("Bootstrapping", 0),
+        ("WaitingForInput", 0),
+        ("Success", 300),
+    ]
     for enc in (a, b):
         state = encoder_state(enc.url)
         assert state["active"] and state["open_rooms"] == 0, state

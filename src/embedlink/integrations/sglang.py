@@ -32,6 +32,7 @@ take SGLang's own path (its ZMQ frames reach the same waiting request).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import hashlib
 import logging
@@ -277,6 +278,10 @@ class _LanguagePlane:
         self.endpoints: dict[tuple[int, str], LanguageEndpoint] = {}
         self.routes: dict[str, _Route] = {}
         self.lock = threading.Lock()
+        #: the last parts that ended here: (part id, status history, reason)
+        self.recent: collections.deque[tuple[str, list[tuple[str, int]], str | None]] = (
+            collections.deque(maxlen=256)
+        )
 
     def endpoint(self, width: int, dtype: str, tp_rank: int, tp_size: int) -> LanguageEndpoint:
         with self.lock:
@@ -362,11 +367,16 @@ def _language() -> _LanguagePlane:
 
 def status_report() -> dict[str, Any]:
     """This process's embedlink endpoints (for tests and operators): per
-    side, per width, the pool's used and free blocks."""
-    out: dict[str, Any] = {"language": {}, "encoder": {}}
+    side, per width, the pool's used and free blocks; on the language side
+    also the last parts that ended (their status histories and reasons)."""
+    out: dict[str, Any] = {"language": {}, "encoder": {}, "recent_parts": []}
     if _language_plane is not None:
         for (w, _), ep in _language_plane.endpoints.items():
             out["language"][w] = {"used": ep.allocator.num_used, "free": ep.allocator.num_free}
+        out["recent_parts"] = [
+            {"part": rid, "history": hist, "reason": why}
+            for rid, hist, why in list(_language_plane.recent)
+        ]
     if _encoder_plane is not None:
         for w, eep in _encoder_plane.endpoints.items():
             out["encoder"][w] = {
@@ -545,6 +555,9 @@ class EmbedlinkWaitingRequest(_receiver.WaitingZmqRequest):  # type: ignore[misc
                 continue
             if not p.rx.poll().is_terminal:
                 p.rx.abort(f"{why} (request {self.rid})")
+            self._el_plane.recent.append(
+                (p.rid, [(st.name, n) for st, n in p.rx.history], p.rx.failure_reason)
+            )
             p.rx.clear()
 
 
