@@ -1,5 +1,6 @@
 """What it takes to run SGLang 0.5.23's real EPD classes without a model, on
-the CPU (docs/research/sglang-0.5.23-epd.md, section 8 and appendix B).
+the CPU (docs/research/sglang-0.5.23-epd.md, section 8 and appendix B): for
+tests/sglang and the bench (:mod:`.sglang_bench`), in SGLang's environment.
 
 Real: ``ServerArgs`` and ``publish`` (over a config-only model directory),
 a gloo tensor-parallel group, the scheduler-side ``MMReceiverHTTP`` with its
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import socket
+import sys
 from array import array
 from types import SimpleNamespace
 from typing import Any
@@ -31,7 +34,7 @@ HIDDEN = 256
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def write_config(path: str) -> str:
@@ -150,6 +153,24 @@ def part_seed(part_rid: str) -> int:
     return sum(map(ord, part_rid)) * 31 + len(part_rid)
 
 
+_BASES: dict[tuple[int, int], Any] = {}
+
+
+def bench_rows(n: int, width: int, seed: int) -> Any:
+    """A fresh ``[n, width]`` bfloat16 output for the bench: a cached random
+    base (made once per size), copied, with ``seed`` in its first row (one
+    memcpy, as a vision tower writes its output; ``randn`` per part would
+    cost more than any transfer measured)."""
+
+    base = _BASES.get((n, width))
+    if base is None:
+        base = expected_rows(n, width, 12345)
+        _BASES[(n, width)] = base
+    out = base.clone()
+    out[0, 0] = float(seed % 251)
+    return out
+
+
 def expected_rows(n: int, width: int, seed: int) -> Any:
     """What the stand-in vision forward produces for a batch of ``n`` tokens."""
     import torch
@@ -194,11 +215,14 @@ def encoder_shell(dim: int) -> Any:
     return enc
 
 
-def fake_model_stage(enc: Any, tokens: dict[str, int], fail: str = "", hang: str = "") -> None:
+def fake_model_stage(
+    enc: Any, tokens: dict[str, int], fail: str = "", hang: str = "", cheap: bool = False
+) -> None:
     """Stand-ins for the two model stages of ``MMEncoder.batch_encode``:
     HF preprocessing (``tokens[rid]`` tokens per item, default 4) and the
-    vision forward (seeded rows; raises for a rid containing ``fail``, waits
-    for a rid containing ``hang``). Everything around them is SGLang's."""
+    vision forward (seeded rows, or :func:`bench_rows` when ``cheap``; raises
+    for a rid containing ``fail``, waits for a rid containing ``hang``).
+    Everything around them is SGLang's."""
     import torch
     from sglang.srt.disaggregation.encoder import server as srv
     from sglang.srt.disaggregation.encoder.preprocessor import EncoderPreprocessResult
@@ -237,7 +261,73 @@ def fake_model_stage(enc: Any, tokens: dict[str, int], fail: str = "", hang: str
         if hang and hang in rid:
             await asyncio.sleep(3600)
         n = sum(ctx.preprocess_result.token_counts)
-        return expected_rows(n, enc._embedding_dims[ctx.modality], part_seed(rid))
+        make = bench_rows if cheap else expected_rows
+        return make(n, enc._embedding_dims[ctx.modality], part_seed(rid))
 
     enc._prepare_encode_context = _prepare_encode_context
     enc._compute_embedding = _compute_embedding
+
+
+def encoder_main(argv: list[str]) -> None:
+    """An SGLang encoder-only server without a model: SGLang's real FastAPI
+    encoder app and request lifecycle, the model stages stood in for.
+    Plugins load through SGLang's own ``load_plugins()`` (``EMBEDLINK_SGLANG=1``
+    in the environment puts embedlink's delivery in place). Binds port 0,
+    prints ``DELIVERY <class>`` and ``PORT <n>``, serves until killed.
+    ``argv``: MODEL_DIR JSON (``{"tokens": {rid: n}, "fail": substr, "hang":
+    substr, "dim": width, "cheap": bool}``)."""
+    model_dir, spec = argv[0], json.loads(argv[1])
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    import uvicorn
+    from sglang.srt.distributed.parallel_state import (
+        init_distributed_environment,
+        initialize_model_parallel,
+    )
+    from sglang.srt.runtime_context import get_parallel, publish
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sa = server_args(model_dir, encoder_only=True, port=port)
+    publish(sa, role="encoder")
+    # what MMEncoder.__init__ does for its TP group, on gloo, world size 1
+    init_distributed_environment(
+        backend="gloo",
+        world_size=1,
+        rank=0,
+        local_rank=0,
+        distributed_init_method=f"tcp://127.0.0.1:{free_port()}",
+    )
+    get_parallel().override_permanently(
+        tp_rank=0, pp_size=1, pp_rank=0, attn_dp_size=1, attn_dp_rank=0, attn_tp_size=1,
+        attn_tp_rank=0, attn_cp_rank=0, attn_dcp_size=1, moe_ep_size=1, moe_ep_rank=0,
+        moe_dp_size=1, moe_tp_size=1,
+    )  # fmt: skip
+    initialize_model_parallel()
+    from sglang.srt.disaggregation.encoder import http_server
+
+    enc = encoder_shell(int(spec.get("dim", HIDDEN)))
+    fake_model_stage(
+        enc,
+        spec.get("tokens", {}),
+        fail=spec.get("fail", ""),
+        hang=spec.get("hang", ""),
+        cheap=bool(spec.get("cheap", False)),
+    )
+    # what http_server.launch_server leaves behind for TP 1 without batching
+    http_server.encoder = enc
+    http_server.send_sockets = []
+    http_server.encoder_scheduler = None
+    http_server.local_runtime = None
+    http_server.dp_dispatcher = None
+    print(f"DELIVERY {type(enc.delivery).__module__}.{type(enc.delivery).__name__}", flush=True)
+    sock.listen(2048)  # connections wait in the backlog until uvicorn serves
+    print(f"PORT {port}", flush=True)
+    config = uvicorn.Config(http_server.app, log_level="warning")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    encoder_main(sys.argv[1:])
