@@ -393,24 +393,33 @@ def _summary(
             console.print(f"[red]room {r.room} ({r.tokens} tokens): {Status(r.status)}: {r.reason}")
 
 
-def _bench_vllm(quick: bool, as_json: bool) -> None:
-    """Run embedlink.integrations.vllm_bench where vLLM is: this interpreter
-    if it has vLLM, else the test environment scripts/setup_vllm.sh makes."""
+_PEER_BENCHES = {
+    # peer: (package, module, its test environment, the script that makes it, what it needs)
+    "vllm": ("vllm", "embedlink.integrations.vllm_bench", ".venv-vllm", "scripts/setup_vllm.sh",
+             "vLLM 0.33.0: pip install 'embedlink[vllm]'"),
+    "sglang": ("sglang", "embedlink.integrations.sglang_bench", ".venv-sglang",
+               "scripts/setup_sglang.sh", "SGLang 0.5.23: pip install 'embedlink[sglang]'"),
+}  # fmt: skip
+
+
+def _bench_peer(peer: str, quick: bool, as_json: bool) -> None:
+    """Run a serving engine's bench where the engine is: this interpreter if
+    it has the engine, else the test environment its setup script makes."""
     import importlib.util
     import os
     import subprocess
     import sys
     import tempfile
 
+    package, module, venv, script, needs = _PEER_BENCHES[peer]
     python = sys.executable
-    if importlib.util.find_spec("vllm") is None:
-        python = os.path.join(os.getcwd(), ".venv-vllm", "bin", "python")
+    if importlib.util.find_spec(package) is None:
+        python = os.path.join(os.getcwd(), venv, "bin", "python")
         if not os.path.exists(python):
             raise click.ClickException(
-                "the vLLM bench needs vLLM 0.33.0: pip install 'embedlink[vllm]', "
-                "or run scripts/setup_vllm.sh here (it makes .venv-vllm)"
+                f"the {peer} bench needs {needs}, or run {script} here (it makes {venv})"
             )
-    args = [python, "-m", "embedlink.integrations.vllm_bench"] + (["--quick"] if quick else [])
+    args = [python, "-m", module] + (["--quick"] if quick else [])
     env = {**os.environ, "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cpu")}
     if not as_json:
         sys.exit(subprocess.call(args, env=env))
@@ -470,10 +479,12 @@ def _bench_vllm(quick: bool, as_json: bool) -> None:
 )
 @click.option(
     "--peers",
-    type=click.Choice(["vllm"]),
+    type=click.Choice(["vllm", "sglang"]),
     default=None,
     help="Instead: embedlink's vLLM connector against vLLM's own EC connectors, through "
-    "vLLM's real Scheduler and worker hooks (needs vLLM 0.33.0: scripts/setup_vllm.sh).",
+    "vLLM's real Scheduler and worker hooks (needs vLLM 0.33.0: scripts/setup_vllm.sh); "
+    "or the SGLang plugin against SGLang's own zmq_to_scheduler path, through SGLang's real "
+    "encoder server and scheduler receiver (needs SGLang 0.5.23: scripts/setup_sglang.sh).",
 )
 def bench(
     transports: tuple[str, ...],
@@ -496,8 +507,8 @@ def bench(
     GB/s, the raw limit of that transport measured in this run and their
     ratio, rooms/s, p50/p99 latency and the peak RSS of both processes.
     """
-    if peers == "vllm":
-        _bench_vllm(quick, as_json)
+    if peers is not None:
+        _bench_peer(peers, quick, as_json)
         return
     from .bench import QUICK_SIZES, SIZES, _probes, plot, rows_json, run_bench
 

@@ -219,7 +219,8 @@ def fake_model_stage(
     enc: Any, tokens: dict[str, int], fail: str = "", hang: str = "", cheap: bool = False
 ) -> None:
     """Stand-ins for the two model stages of ``MMEncoder.batch_encode``:
-    HF preprocessing (``tokens[rid]`` tokens per item, default 4) and the
+    HF preprocessing (``tokens[rid]`` tokens per item, else ``tokens["*"]``,
+    else 4) and the
     vision forward (seeded rows, or :func:`bench_rows` when ``cheap``; raises
     for a rid containing ``fail``, waits for a rid containing ``hang``).
     Everything around them is SGLang's."""
@@ -227,9 +228,11 @@ def fake_model_stage(
     from sglang.srt.disaggregation.encoder import server as srv
     from sglang.srt.disaggregation.encoder.preprocessor import EncoderPreprocessResult
 
+    every = int(tokens.get("*", 4))
+
     def count(rid: str) -> int:
         base = rid.rsplit("_local_part_", 1)[0]
-        return int(tokens.get(rid, tokens.get(base, 4)))
+        return int(tokens.get(rid, tokens.get(base, every)))
 
     async def _prepare_encode_context(
         requests: Any, modality: Any, *, use_global_cache: Any, is_health_check: bool = False
