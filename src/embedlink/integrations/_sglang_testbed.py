@@ -262,7 +262,7 @@ def fake_model_stage(
         if fail and fail in rid:
             raise RuntimeError(f"vision tower exploded on {rid}")
         if hang and hang in rid:
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # a vision tower that never finishes
         n = sum(ctx.preprocess_result.token_counts)
         make = bench_rows if cheap else expected_rows
         return make(n, enc._embedding_dims[ctx.modality], part_seed(rid))
