@@ -44,8 +44,8 @@ case "$extras" in
   *) spec=".[${extras}]" ;;
 esac
 stamp=".venv/.embedlink-installed-${extras:-base}"
-# Reinstall only when the project's metadata changed since the last install.
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# Reinstall only when the project's metadata (or this script) changed since the last install.
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   if [ "$extras" = test ] && [ "${EMBEDLINK_TEST_TORCH:-1}" = 1 ]; then
     # torch tensors are an accepted input: test that path with the CPU build
@@ -56,5 +56,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
   fi
   .venv/bin/python -m pip install -q -e "$spec"
+  if [ "$extras" = test ]; then
+    # NVIDIA NIXL for the nixl transport's tests, without its dependencies:
+    # its metadata asks for torch, which pip would install as a ~3 GB CUDA
+    # build; NIXL needs only numpy (docs/nixl.md). Not the nixl extra, which
+    # keeps that dependency.
+    .venv/bin/python -m pip install -q --no-deps nixl-cu12==1.5.1
+  fi
   touch "$stamp"
 fi

@@ -17,7 +17,10 @@ verified byte for byte outside the timed path.
 Raw limits (the same bytes, measured here, as a sustained rate: the best of
 three batches of back-to-back operations): ``shm`` a single-threaded memcpy;
 ``tcp`` one loopback TCP stream into a preallocated buffer; ``mooncake``
-``batch_transfer_sync_write`` between two engines. The ZeroMQ round trip of
+``batch_transfer_sync_write`` between two engines; ``nixl`` one NIXL ``WRITE``
+(with a notification) from one process into another's registered memory,
+its status looked at without pause, with the UCX transport that carried it
+(``nixl_ucx_path_<tokens>`` in the extras, from ``UCX_PROTO_INFO``). The ZeroMQ round trip of
 100 bytes between two processes on two different CPUs is reported for
 small-room latency. ``pin`` puts the encoder and the language process on one
 CPU each.
@@ -33,6 +36,7 @@ import queue
 import resource
 import socket
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -444,6 +448,148 @@ def raw_mooncake_gbps(
     return best
 
 
+def _raw_nixl_buffer(nbytes: int, value: int, device: str | None) -> tuple[Any, int, str, int]:
+    """A filled buffer for the raw NIXL write: ``(buffer, address, NIXL memory
+    type, device id)``, host memory or (``device``) a CUDA tensor."""
+    if device is None:
+        buf = _filled(nbytes, value)
+        return buf, int(buf.ctypes.data), "DRAM", 0
+    import torch
+
+    t = torch.full((nbytes,), value, dtype=torch.uint8, device=device)
+    return t, int(t.data_ptr()), "VRAM", int(t.device.index or 0)
+
+
+def _raw_nixl_target(q_in: Any, q_out: Any, nbytes: int, device: str | None = None) -> None:
+    """The receiving agent of the raw NIXL write: a registered buffer, its
+    metadata sent to the parent; held until told to stop."""
+    from .transports.nixl import local_agent
+
+    try:
+        agent = local_agent("127.0.0.1")
+        dst, addr, mem, dev = _raw_nixl_buffer(nbytes, 2, device)
+        agent.register(addr, nbytes, mem, dev)
+        agent.collect_notifications()
+        q_out.put((agent.name, agent.metadata(addr, dev), addr, mem, dev))
+    except Exception as exc:  # reported to the parent, which raises it
+        q_out.put(f"{type(exc).__name__}: {exc}")
+        return
+    q_in.get()
+    agent.stop_collecting()
+    del dst
+
+
+def _raw_nixl_writer(
+    q_in: Any, q_out: Any, nbytes: int, src_slots: int, dst_slots: int, device: str | None = None
+) -> None:
+    """The writing agent of the raw NIXL write. UCX prints its protocol
+    choices (``UCX_PROTO_INFO``) to standard output: that is pointed at a file
+    for the length of this process, and the path of ``ucp_put`` read from it."""
+    import tempfile
+
+    from .transports.nixl import _scoped_env, local_agent
+
+    log_file = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (open for the process's life)
+    os.dup2(log_file.fileno(), 1)
+    try:
+        name, md, dst_addr, dst_mem, dst_dev = q_in.get()
+        with _scoped_env({"UCX_PROTO_INFO": "y"}, frozenset({"UCX_PROTO_INFO"})):
+            agent = local_agent("127.0.0.1")
+        nb, a = agent.nb, agent.agent
+        src, src_addr, src_mem, src_dev = _raw_nixl_buffer(nbytes * src_slots, 1, device)
+        agent.register(src_addr, nbytes * src_slots, src_mem, src_dev)
+        agent.retain_remote(name)
+        agent.add_remote(name, md)
+        remote = name
+        cyc = _Cycle(nbytes, src_slots, dst_slots)
+        seg = {"DRAM": nb.DRAM_SEG, "VRAM": nb.VRAM_SEG}
+
+        def once() -> None:
+            s, d = cyc.next()
+            local = nb.nixlXferDList(seg[src_mem], [(src_addr + s, nbytes, src_dev)])
+            far = nb.nixlXferDList(seg[dst_mem], [(dst_addr + d, nbytes, dst_dev)])
+            req = a.createXferReq(nb.NIXL_WRITE, local, far, remote, "raw", [agent.backend])
+            status = a.postXferReq(req)
+            while status == nb.NIXL_IN_PROG:
+                status = a.getXferStatus(req)
+            a.releaseXferReq(req)
+            if status != nb.NIXL_SUCCESS:
+                raise RuntimeError(f"nixl raw write ended with status {status}")
+
+        gbps = _best(once, nbytes, 20)
+        agent.release_remote(remote)
+        sys.stdout.flush()
+        log_file.seek(0)
+        q_out.put((gbps, ucx_put_path(log_file.read())))
+        del src
+    except Exception as exc:  # reported to the parent, which raises it
+        q_out.put(f"{type(exc).__name__}: {exc}")
+
+
+def ucx_put_path(proto_info: str) -> str:
+    """The UCX transport of the largest ``ucp_put`` from host memory to a peer
+    (not the worker's endpoint to itself), read from UCX's ``UCX_PROTO_INFO``
+    tables: ``cma/memory``, ``tcp/lo``, ...; ``?`` when there is none."""
+    endpoint = operation = ""
+    for line in proto_info.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 1:  # a table's title: the endpoint, then the operation
+            if "cfg#" in cells[0]:
+                endpoint, operation = cells[0], ""
+            else:
+                operation = cells[0]
+        elif (
+            len(cells) == 3
+            and cells[0].endswith("..inf")
+            and " self cfg#" not in endpoint
+            and operation.startswith("remote memory write by ucp_put* from host memory")
+        ):
+            return cells[2]
+    return "?"
+
+
+def raw_nixl(
+    nbytes: int, src_slots: int = 1, dst_slots: int = 1, device: str | None = None
+) -> tuple[float, str]:
+    """One NIXL ``WRITE`` (with a notification, as the transport's) of
+    ``nbytes`` at a time from one process into another's registered memory,
+    waited for by looking at its status without pause, cycling through
+    ``src_slots``/``dst_slots`` room-sized slots; both agents made the way the
+    transport makes them; ``device``: GPU buffers on both sides (not yet run
+    on a GPU). Returns the sustained GB/s and the UCX transport that carried
+    a host write (``?`` for GPU buffers, whose table UCX titles otherwise)."""
+    ctx = mp.get_context("spawn")
+    to_t, from_t, to_w, from_w = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Queue()
+    target = ctx.Process(
+        target=_raw_nixl_target, args=(to_t, from_t, nbytes * dst_slots, device), daemon=True
+    )
+    writer = ctx.Process(
+        target=_raw_nixl_writer,
+        args=(to_w, from_w, nbytes, src_slots, dst_slots, device),
+        daemon=True,
+    )
+    target.start()
+    writer.start()
+    try:
+        try:
+            got = from_t.get(timeout=120)
+            if isinstance(got, str):
+                raise RuntimeError(f"nixl raw write: {got}")
+            to_w.put(got)
+            result = from_w.get(timeout=300)
+        except queue.Empty:
+            raise RuntimeError("nixl raw write: a process gave no answer") from None
+        if isinstance(result, str):
+            raise RuntimeError(f"nixl raw write: {result}")
+        to_t.put("stop")
+    finally:
+        for p in (writer, target):
+            p.join(20)
+            if p.is_alive():
+                p.kill()
+    return float(result[0]), str(result[1])
+
+
 def _raw_ipc_child(q_in: Any, q_out: Any, nbytes: int) -> None:
     import torch
 
@@ -528,6 +674,8 @@ def raw_gbps(
         return raw_tcp_gbps(nbytes, src_slots, dst_slots)
     if transport == "mooncake":
         return raw_mooncake_gbps(nbytes, src_slots, dst_slots)
+    if transport == "nixl":
+        return raw_nixl(nbytes, src_slots, dst_slots, device)[0]
     raise ValueError(f"no raw baseline for {transport!r}")
 
 
@@ -725,10 +873,10 @@ def run_bench(
     latency_probes: bool = True,
     pin: bool = False,
     busy_poll_us: float | None = None,
-) -> tuple[list[BenchRow], dict[str, float]]:
+) -> tuple[list[BenchRow], dict[str, Any]]:
     """Run every (transport, size, mode) row with ``window`` rooms in flight,
     then (``latency_probes``) a few rows with one room in flight; return the
-    rows and the extras (``zmq_rtt_ms``). Each transport's processes are
+    rows and the extras (``zmq_rtt_ms``, ...). Each transport's processes are
     spawned once. ``pin`` keeps the encoder process on one CPU and the
     language process on another (:func:`worker_cpus`). The ZeroMQ round trip
     is measured between two processes on two different CPUs either way.
@@ -745,7 +893,7 @@ def run_bench(
     # workers are pinned: left to the scheduler, it sometimes puts both on one
     # CPU, and the same round trip then takes a third of the time.
     apart = worker_cpus(True)
-    extras = {"zmq_rtt_ms": zmq_round_trip_ms(cpus=(apart[1], apart[0]))}
+    extras: dict[str, Any] = {"zmq_rtt_ms": zmq_round_trip_ms(cpus=(apart[1], apart[0]))}
     busy_poll = BUSY_POLL_S * 1e6 if busy_poll_us is None else busy_poll_us
     extras["busy_poll_us"] = busy_poll
     if "shm" in transports:
@@ -821,6 +969,11 @@ def run_bench(
                     # pipeline, and what resuming adds to it
                     plan += [(n, m, 1, min(r, rooms_for(n))) for n, m, r in _probes(sizes, modes)]
                 for n, mode, w, k in plan:
+                    if n not in raws and transport == "nixl":
+                        raws[n], path = raw_nixl(
+                            n * schema.token_bytes, window + 2, window + 1, device
+                        )
+                        extras[f"nixl_ucx_path_{n}"] = path
                     if n not in raws:
                         # the same working set as the rows: the encoder cycles
                         # through window + 2 rooms of its pool, the language

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from . import __version__
 from .examples import MODELS, PERTURBATIONS
-from .protocol import PROTOCOL_VERSION, BufferSchema, Status
+from .protocol import PROTOCOL_VERSION, BufferSchema, EmbedlinkError, Status
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -438,8 +438,8 @@ def _bench_peer(peer: str, quick: bool, as_json: bool) -> None:
     "-t",
     "transports",
     multiple=True,
-    type=click.Choice(["shm", "tcp", "mooncake", "cuda_ipc"]),
-    help="Transport(s) to measure (default: all three).",
+    type=click.Choice(["shm", "tcp", "mooncake", "cuda_ipc", "nixl"]),
+    help="Transport(s) to measure (default: shm, tcp and mooncake).",
 )
 @click.option("--quick", is_flag=True, help="A short run (under a minute): fewer sizes and rooms.")
 @click.option(
@@ -511,8 +511,14 @@ def bench(
         _bench_peer(peers, quick, as_json)
         return
     from .bench import QUICK_SIZES, SIZES, _probes, plot, rows_json, run_bench
+    from .transports import TransportUnavailable, get_backend
 
     chosen = transports or ("shm", "tcp", "mooncake")
+    for t in chosen:  # a missing engine: its install command, before anything starts
+        try:
+            get_backend(t)
+        except TransportUnavailable as exc:
+            raise click.ClickException(str(exc)) from None
     sizes = QUICK_SIZES if quick else SIZES
     modes = ("exact", "resume")
     token_bytes = BufferSchema(hidden_size=hidden_size).token_bytes
@@ -588,6 +594,13 @@ def bench(
             f"{int(extras['mooncake_polled_tokens'])}-token writes in flight, cut into "
             f"requests and polled as the transport does by default, run at "
             f"{extras['mooncake_polled_gbps']:.2f} GB/s"
+        )
+    paths = {k.rsplit("_", 1)[1]: v for k, v in extras.items() if k.startswith("nixl_ucx_path_")}
+    if paths:
+        summary.append(
+            "nixl's raw limit is one NIXL WRITE with a notification into another process's "
+            "registered memory, its status looked at without pause; UCX carried the bytes over "
+            + ", ".join(f"{v} ({n} tokens)" for n, v in paths.items())
         )
     if as_json:
         for line in summary:  # on stderr, beside the progress bar
@@ -807,7 +820,7 @@ def encoder(config_file: str | None, print_config: bool, **flags: Any) -> None:
         counts = run_encoder(cfg, stop, on_ready=ready)
     except KeyboardInterrupt:
         return
-    except (ValueError, OSError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError, EmbedlinkError) as exc:
         raise click.ClickException(f"encoder failed to start: {exc}") from None
     click.echo(f"stopped: {counts['sent']} rooms sent, {counts['refused']} refused")
 
@@ -838,7 +851,7 @@ def language(config_file: str | None, print_config: bool, **flags: Any) -> None:
             run = run_language(cfg, progress=lambda _: bar.advance(task))
     except BootstrapError as exc:
         raise click.ClickException(str(exc)) from None
-    except (ValueError, OSError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError, EmbedlinkError) as exc:
         raise click.ClickException(f"language side failed: {exc}") from None
     outcomes = run.outcomes
     table = Table(title=f"embedlink language: {len(outcomes)} rooms from {cfg['bootstrap']}")

@@ -43,7 +43,7 @@ _ENDPOINTS = frozenset({"encoder", "language"})
 _ALL = frozenset(ROLES)
 _ENC = frozenset({"encoder"})
 _LANG = frozenset({"language"})
-_TRANSPORTS = ("shm", "tcp", "mooncake", "cuda_ipc")
+_TRANSPORTS = ("shm", "tcp", "mooncake", "cuda_ipc", "nixl")
 
 
 class ConfigError(EmbedlinkError, ValueError):
@@ -261,6 +261,49 @@ SETTINGS: tuple[Setting, ...] = (
         check=_choice("auto", "poll", "spin"),
     ),
     Setting(
+        "nixl_net_devices",
+        "str",
+        "auto",
+        "network interfaces NIXL's UCX may use (UCX_NET_DEVICES), e.g. eth0 or eth0,eth1; "
+        "auto: the interface holding this endpoint's host address (lo on loopback, every "
+        "interface for 0.0.0.0); all: every interface",
+        _ENDPOINTS,
+    ),
+    Setting(
+        "nixl_rdma_devices",
+        "str",
+        "",
+        "RDMA devices for NIXL, e.g. mlx5_0,mlx5_1 (port 1 unless given as mlx5_0:2); "
+        "empty: no RDMA (UCX's InfiniBand module is not loaded)",
+        _ENDPOINTS,
+    ),
+    Setting(
+        "nixl_tls",
+        "str",
+        "",
+        "UCX transports for NIXL (UCX_TLS), e.g. tcp; empty: UCX chooses (cma on one host)",
+        _ENDPOINTS,
+    ),
+    Setting(
+        "nixl_error_handling",
+        "str",
+        "peer",
+        "UCX endpoint error handling for NIXL: peer (a dead peer fails the write) or none "
+        "(a session's first contact is faster, about 6 ms instead of 30 ms here, but UCX "
+        "leaves what happens after a peer fails undefined; docs/nixl.md)",
+        _ENDPOINTS,
+        check=_choice("peer", "none"),
+    ),
+    Setting(
+        "nixl_workers",
+        "int",
+        4,
+        "UCX workers of this process's NIXL agent (1-64): writes posted by different "
+        "writer threads run in parallel, each on its own worker",
+        _ENDPOINTS,
+        check=lambda v: None if 1 <= v <= 64 else f"must be between 1 and 64, got {v}",
+    ),
+    Setting(
         "local_control",
         "bool",
         True,
@@ -329,7 +372,7 @@ SETTINGS: tuple[Setting, ...] = (
         "float",
         30.0,
         "seconds the blocks of an encoder declared dead stay out of use when its "
-        "transport cannot fence its writes (mooncake, shm, cuda_ipc; tcp fences at once)",
+        "transport cannot fence its writes (mooncake, nixl, shm, cuda_ipc; tcp fences at once)",
         _LANG,
         check=_positive,
     ),
@@ -478,7 +521,20 @@ class Config:
             opts["device_name"] = str(self.values["mooncake_device_name"])
         if "mooncake_wait" in self.values:
             opts["wait"] = str(self.values["mooncake_wait"])
-        return {"mooncake": opts}
+        # nixl: only what differs from the transport's defaults, so that a
+        # user's own UCX_NET_DEVICES still wins over "auto"
+        nixl: dict[str, str] = {}
+        v = self.values
+        if v["nixl_net_devices"] != "auto":
+            nixl["net_devices"] = str(v["nixl_net_devices"])
+        for key in ("rdma_devices", "tls"):
+            if v[f"nixl_{key}"]:
+                nixl[key] = str(v[f"nixl_{key}"])
+        if v["nixl_error_handling"] != "peer":
+            nixl["error_handling"] = str(v["nixl_error_handling"])
+        if v["nixl_workers"] != 4:
+            nixl["workers"] = str(v["nixl_workers"])
+        return {"mooncake": opts, **({"nixl": nixl} if nixl else {})}
 
     def endpoint_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`~embedlink.EncoderEndpoint` or

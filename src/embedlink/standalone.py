@@ -175,6 +175,7 @@ def run_language(
     """Ask for ``cfg['rooms']`` rooms from ``cfg['bootstrap']`` with ``window``
     in flight, verify (synthetic) or hand each to the hook, and report."""
     from .language import LanguageEndpoint
+    from .transports import get_backend
 
     if cfg["bootstrap"] is None:
         raise ConfigError("bootstrap", cfg.sources["bootstrap"], "the language side needs one")
@@ -219,6 +220,8 @@ def run_language(
         if progress is not None:
             progress(outcome)
 
+    for t in cfg["transports"]:
+        get_backend(t)  # a missing engine fails now, with its install command
     _wait_for_encoder(cfg["bootstrap"], cfg["auth_secret"], cfg["room_timeout"])
     t_start = time.perf_counter()
     with LanguageEndpoint(schema, **cfg.endpoint_kwargs()) as ep:

@@ -117,6 +117,21 @@ def test_cli_bench_quick_json_and_plot(tmp_path):
     assert "busy-poll 400 us" in p.stderr
 
 
+def test_cli_bench_nixl_rows_beside_a_raw_nixl_write_and_its_ucx_path():
+    import json
+
+    p = quick_bench("-t", "nixl", "--rooms", "12")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(p.stdout)
+    assert {r["transport"] for r in rows} == {"nixl"} and len(rows) == 7
+    assert all(r["verified"] and r["gbps"] > 0 and r["raw_gbps"] > 0 for r in rows)
+    # the raw write's UCX transport, from UCX's own protocol tables (cma here,
+    # or another shared-memory or TCP path where cma is not allowed)
+    said = " ".join(p.stderr.split())
+    assert "UCX carried the bytes over" in said and "(2000 tokens)" in said, p.stderr[-2000:]
+    assert "? (2000 tokens)" not in said
+
+
 def test_cli_bench_busy_poll_zero_runs_and_is_recorded_in_the_rows():
     import json
 

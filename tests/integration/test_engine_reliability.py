@@ -320,7 +320,7 @@ def test_malformed_bootstrap_address_is_a_value_error():
 
 @pytest.mark.parametrize(
     "transport, local_control",
-    [("tcp", True), ("shm", True), ("mooncake", True), ("tcp", False)],
+    [("tcp", True), ("shm", True), ("mooncake", True), ("nixl", True), ("tcp", False)],
 )
 def test_an_encoder_restarted_on_another_port_is_found_again(
     spawn_encoder, transport, local_control
@@ -439,6 +439,11 @@ def test_constructing_closing_and_restarting_leaks_nothing():
             SCHEMA, num_blocks=8, default_tokens=128, transports=("shm", "tcp"), metrics_port=0
         ),
         "bootstrap": lambda: BootstrapServer(host="127.0.0.1", port=0),
+        # the process's NIXL agent (and its UCX threads) outlive the endpoint
+        # by design; its registrations and the notification thread do not
+        "language over nixl": lambda: LanguageEndpoint(
+            SCHEMA, num_blocks=8, default_tokens=128, transports=("nixl",)
+        ),
     }
     for name, new in make.items():
         # one cycle first: lazily created process-wide things (imports, the
@@ -489,7 +494,7 @@ def test_epochs_do_not_follow_the_global_random_seed():
         assert len(set(epochs)) == 3
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm", "mooncake"])
+@pytest.mark.parametrize("transport", ["tcp", "shm", "mooncake", "nixl"])
 def test_endpoints_leave_the_environment_as_they_found_it(transport):
     before = dict(os.environ)
     with (

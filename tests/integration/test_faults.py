@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 HIDDEN = 256
 SCHEMA = BufferSchema(hidden_size=HIDDEN)
 HB = dict(heartbeat_interval=0.2, heartbeat_misses=3)  # dead after 0.6 s of silence
-TRANSPORTS = ["tcp", "shm", "mooncake"]
+TRANSPORTS = ["tcp", "shm", "mooncake", "nixl"]
 
 
 # "zmq": no same-host lane, so the encoder learns of the death from heartbeats

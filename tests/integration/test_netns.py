@@ -5,9 +5,11 @@ the namespaces, which the test removes."""
 
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
+import threading
 import uuid
 
 import pytest
@@ -56,7 +58,7 @@ def netns_pair():
         _ip("netns", "del", b)
 
 
-def _peer(ns, *args):
+def _peer(ns, *args, env=()):
     return subprocess.Popen(
         ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.integration.netns_peer", *args],
         cwd=ROOT,
@@ -64,31 +66,63 @@ def _peer(ns, *args):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")},
+        env={
+            **os.environ,
+            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            **dict(env),
+        },
     )
 
 
-@pytest.mark.parametrize("transport", ["mooncake", "tcp"])
+# nixl: UCX would reach a peer in another network namespace of the same
+# kernel through cma (same PID and IPC namespaces); UCX_TLS=tcp (the nixl
+# option tls) makes it cross the veth pair over TCP, as between two hosts.
+# The encoder's UCX prints its protocol choices (UCX_PROTO_INFO): the test
+# reads which transport carried the bytes.
+NIXL_ENV = {"EMBEDLINK_NIXL_TLS": "tcp"}
+
+
+@pytest.mark.parametrize("transport", ["mooncake", "tcp", "nixl"])
 def test_pipeline_across_two_network_namespaces(netns_pair, transport):
     (ns_a, addr_a), (ns_b, addr_b) = netns_pair
     rooms = 6
-    enc = _peer(ns_a, "encoder", addr_a, str(rooms), transport)
+    env = {**NIXL_ENV, "UCX_PROTO_INFO": "y"} if transport == "nixl" else {}
+    enc = _peer(ns_a, "encoder", addr_a, str(rooms), transport, env=env)
+    # read the encoder's output as it comes: UCX's tables would fill the pipe
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in enc.stdout], daemon=True)
+    reader.start()
     lang = None
     try:
-        line = enc.stdout.readline()
+        line = lines.get(timeout=60)
         assert line.startswith("READY "), line + enc.stderr.read()
         boot = line.split()[1]
         assert boot.startswith(addr_a + ":")
-        lang = _peer(ns_b, "language", addr_b, boot, str(rooms), transport)
+        lang = _peer(
+            ns_b,
+            "language",
+            addr_b,
+            boot,
+            str(rooms),
+            transport,
+            env=NIXL_ENV if transport == "nixl" else {},
+        )
         out, err = lang.communicate(timeout=120)
         assert lang.returncode == 0, err
         results = json.loads(out.strip().splitlines()[-1])
         assert all(ok for ok, _ in results.values()), results
         assert any(3 in hist and 2 in hist for _, hist in results.values())  # some resumed
-        enc_line = enc.stdout.readline()
+        before = []  # UCX's protocol tables come before the summary
+        while not (enc_line := lines.get(timeout=60)).startswith("{"):
+            before.append(enc_line)
         summary = json.loads(enc_line)
         assert all(st == 3 and why is None for st, why in summary["statuses"].values()), summary
         assert list(summary["sessions"].values()) == [transport]
+        if transport == "nixl":
+            from embedlink.bench import ucx_put_path
+
+            # the encoder's interface in its namespace: tcp over the veth, not loopback
+            assert ucx_put_path("".join(before)) == f"tcp/v{ns_a[3:]}a", "".join(before)[-3000:]
     finally:
         for p in (enc, lang):
             if p is not None and p.poll() is None:

@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 S = Status
 HIDDEN = 256
 SCHEMA = BufferSchema(hidden_size=HIDDEN)
-TRANSPORTS = ["tcp", "shm", "mooncake"]
+TRANSPORTS = ["tcp", "shm", "mooncake", "nixl"]
 # Control messages go over a same-host lane by default ("unix"); peers on
 # other hosts use ZeroMQ ("zmq"). The seed's rules must hold on both.
 CONTROLS = ["unix", "zmq"]
@@ -314,6 +314,12 @@ def test_no_common_transport_is_a_clear_failure(boot):
         (("tcp",), ("mooncake", "tcp"), "tcp"),
         (("mooncake", "tcp"), ("tcp",), "tcp"),
         (("tcp", "shm"), ("shm", "tcp"), "shm"),
+        # the receiver's order decides, whatever the encoder's
+        (("tcp", "nixl"), ("nixl", "tcp"), "nixl"),
+        (("nixl", "tcp"), ("tcp", "nixl"), "tcp"),
+        (("tcp",), ("nixl", "tcp"), "tcp"),
+        (("nixl", "tcp"), ("tcp",), "tcp"),
+        (("nixl", "mooncake"), ("mooncake", "nixl"), "mooncake"),
     ],
 )
 def test_negotiation_picks_the_first_common_transport(boot, enc_has, lang_offers, chosen):
@@ -429,8 +435,8 @@ def test_one_copy_path_buffer_commit_and_zero_copy_receive(boot, transport):
 def test_a_borrowed_send_reads_the_callers_arrays_across_resumes(boot, transport):
     """send(borrow=True): shm and tcp write every chunk straight from the
     caller's arrays (the encoder pool's payload blocks are never written);
-    mooncake, which writes only from its registered pool, copies the payload
-    into the blocks first. Either way every byte arrives, through resumes."""
+    mooncake and nixl, which write only from registered memory, copy the
+    payload into the blocks first. Either way every byte arrives, through resumes."""
     with (
         EncoderEndpoint(
             SCHEMA, bootstrap=boot.address, num_blocks=64, transports=(transport,)
@@ -451,7 +457,7 @@ def test_a_borrowed_send_reads_the_callers_arrays_across_resumes(boot, transport
             assert same_embedding(rxs[r].wait(timeout=30), make_embedding(SCHEMA, n, 0, r))
         assert (S.Transferring, 1024) in rxs[7].history
         written = bool(np.any(pool.view(np.uint16)))
-        assert written == (transport == "mooncake")
+        assert written == (transport in ("mooncake", "nixl"))
         assert enc.allocator.wait_all_free(5)
         # the encoder lets go of the arrays with the blocks
         deadline = time.monotonic() + 10

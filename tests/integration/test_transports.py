@@ -24,7 +24,7 @@ def src_pool():
     return p
 
 
-@pytest.fixture(params=["tcp", "shm", "mooncake", "mooncake:spin"])
+@pytest.fixture(params=["tcp", "shm", "mooncake", "mooncake:spin", "nixl"])
 def endpoint(request):
     shared = create_shared_pool(SCHEMA, 8, 4)
     name, _, wait = request.param.partition(":")

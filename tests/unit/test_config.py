@@ -212,3 +212,31 @@ def test_mooncake_settings_reach_the_transport_options():
     assert load("encoder", {}, env={})["mooncake_wait"] == "auto"
     with pytest.raises(ConfigError, match=r"mooncake_wait.*EMBEDLINK_MOONCAKE_WAIT"):
         load("encoder", {}, env={"EMBEDLINK_MOONCAKE_WAIT": "busy"})
+
+
+def test_nixl_settings_reach_the_transport_options_only_where_they_differ():
+    lang = load(
+        "language",
+        {"nixl_net_devices": "eth1", "nixl_workers": 2},
+        env={"EMBEDLINK_NIXL_RDMA_DEVICES": "mlx5_0,mlx5_1", "EMBEDLINK_NIXL_TLS": "rc,cma"},
+    )
+    assert lang.transport_options()["nixl"] == {
+        "net_devices": "eth1",
+        "rdma_devices": "mlx5_0,mlx5_1",
+        "tls": "rc,cma",
+        "workers": "2",
+    }
+    # the defaults pass nothing: the transport's own defaults apply, and a
+    # user's UCX_NET_DEVICES still wins over "auto"
+    assert "nixl" not in load("encoder", {}, env={}).transport_options()
+    assert load("encoder", {}, env={})["nixl_net_devices"] == "auto"
+    enc = load("encoder", {}, env={"EMBEDLINK_NIXL_ERROR_HANDLING": "none"})
+    assert enc.transport_options()["nixl"] == {"error_handling": "none"}
+    with pytest.raises(ConfigError, match=r"nixl_error_handling.*EMBEDLINK_NIXL_ERROR_HANDLING"):
+        load("encoder", {}, env={"EMBEDLINK_NIXL_ERROR_HANDLING": "fatal"})
+    with pytest.raises(ConfigError, match=r"nixl_workers"):
+        load("language", {"nixl_workers": 0}, env={})
+    assert load("language", {"transports": ["nixl", "tcp"]}, env={})["transports"] == (
+        "nixl",
+        "tcp",
+    )

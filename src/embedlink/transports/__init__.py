@@ -66,6 +66,7 @@ _REGISTRY: dict[str, str] = {
     "shm": "embedlink.transports.shm",
     "mooncake": "embedlink.transports.mooncake",
     "cuda_ipc": "embedlink.transports.cuda_ipc",
+    "nixl": "embedlink.transports.nixl",
 }
 
 
