@@ -166,6 +166,9 @@ class _Live:
     on_done: Callable[[RoomId], None] | None = None
     #: counted in ``LanguageEndpoint._handed`` (until it starts or ends)
     handed: bool = False
+    #: an ended room still holding blocks its encoder was offered: when its
+    #: Abort goes out again if no acknowledgement came (``_ask_again``)
+    ask_again_at: float | None = None
 
 
 class Receiver:
@@ -345,6 +348,8 @@ class LanguageEndpoint:
         #: reach encoders on this host over a Unix socket (``_lane``), not ZeroMQ
         self.local_control = local_control
         self.dead_encoders = 0
+        #: Aborts sent again because no acknowledgement came (``_ask_again``)
+        self.abort_repeats = 0
         #: terminal rooms never cleared are forgotten (and their blocks freed) after this
         self.room_ttl = room_ttl
         self.collected_rooms = 0
@@ -712,6 +717,7 @@ class LanguageEndpoint:
                 "ignored_inputs": self.ignored_inputs,
                 "unauthenticated_messages": self.unauthenticated_messages,
                 "dead_encoders": self.dead_encoders,
+                "abort_repeats": self.abort_repeats,
                 "collected_rooms": self.collected_rooms,
             },
             "loop_errors": self._loop.errors,
@@ -1248,6 +1254,7 @@ class LanguageEndpoint:
         if self._fencing:
             self._settle_fences(now)
         self._check_liveness(now)
+        self._ask_again(now)
         expired = []
         for key, (ended, live) in self._ended.items():
             if now - ended <= self.room_ttl:
@@ -1258,6 +1265,35 @@ class LanguageEndpoint:
             if self._rooms.get(live.room.room) is live:
                 self.collected_rooms += 1
                 self._clear_room(live)
+
+    def _ask_again(self, now: float) -> None:
+        """Repeat the Abort of every ended room still holding blocks its
+        (live) encoder was offered, once each ``heartbeat_interval`` until
+        the encoder acknowledges. The first Abort, or its answer, may have been
+        lost with a connection reset; without this the blocks would stay out
+        of use for as long as the encoder lives. An encoder answers a repeat
+        the same way (a status for that epoch once nothing is in flight)."""
+        for live in [*self._rooms.values(), *self._zombies.values()]:
+            room, enc = live.room, live.encoder
+            if not (room.done and room.holds_blocks) or live.starting or enc is None:
+                live.ask_again_at = None
+                continue
+            if self._encoders.get(enc.address) is not enc:
+                continue  # declared dead: its fence gives the blocks back
+            if live.ask_again_at is None:
+                live.ask_again_at = now + self.heartbeat_interval
+            elif now >= live.ask_again_at:
+                live.ask_again_at = now + self.heartbeat_interval
+                self._send(
+                    enc,
+                    Abort(
+                        session=self.session,
+                        room=room.room,
+                        epoch=room.epoch,
+                        reason=room.failure_reason or "aborted by receiver",
+                    ),
+                )
+                self.abort_repeats += 1
 
     def _check_liveness(self, now: float) -> None:
         """Ping every encoder each ``heartbeat_interval``; one silent for

@@ -111,3 +111,31 @@ def test_abort_keeps_blocks_a_write_may_still_land_in_until_acknowledged(fake_en
         _ack_failed(router, identity, 9, req.epoch, "aborted by peer")
         _wait(lambda: lang.allocator.num_used == 0)
         assert rx.failure_reason == "aborted by receiver"
+
+
+def test_a_lost_abort_is_repeated_until_acknowledged(fake_encoder):
+    """A reset connection may lose an Abort (or its answer): the blocks the
+    encoder was offered must not stay out of use for as long as it lives."""
+    router, address = fake_encoder
+    with LanguageEndpoint(
+        SCHEMA,
+        num_blocks=16,
+        block_size=128,
+        default_tokens=512,
+        transports=("tcp",),
+        heartbeat_interval=0.2,
+        heartbeat_misses=100,  # the fake never answers heartbeats
+    ) as lang:
+        rx = lang.receiver(encoder=address, room=4)
+        identity, req = _next(router, TransferRequest)
+        rx.abort()
+        first = _next(router, Abort)[1]  # "lost": never answered
+        rx.clear()  # the caller is done with it; the blocks are still offered
+        assert lang.allocator.num_used == 4
+        _, again = _next(router, Abort)
+        assert (again.room, again.epoch) == (first.room, first.epoch) == (4, req.epoch)
+        assert lang.abort_repeats >= 1
+        assert lang.allocator.num_used == 4
+        _ack_failed(router, identity, 4, req.epoch, "unknown room 4 on this encoder")
+        _wait(lambda: lang.allocator.num_used == 0)
+        assert lang.status()["counters"]["abort_repeats"] >= 1

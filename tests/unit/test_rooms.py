@@ -336,12 +336,18 @@ def test_sender_fails_on_abort_from_a_destination_that_never_requested():
     acts = tx.peer_abort(Abort(session="late", room=1, epoch=9, reason="gone"), 1)
     assert tx.status is S.Failed and tx.failure_reason == "aborted by peer: gone"
     assert any(isinstance(a, FreeBlocks) for a in acts)
-    # once every destination is known, a stranger's abort changes nothing
+    # it never got a write from us: it is acknowledged at once (its blocks come back)
+    ack = [a for a in acts if isinstance(a, Send) and isinstance(a.msg, StatusUpdate)]
+    assert [(a.to, a.msg.epoch, a.msg.status) for a in ack] == [("late", 9, S.Failed)]
+    # ... and so is a repeat of it (the first answer may have been lost)
+    again = tx.peer_abort(Abort(session="late", room=1, epoch=9, reason="gone"), 2)
+    assert [(type(a.msg), a.to, a.msg.epoch) for a in again] == [(StatusUpdate, "late", 9)]
+    # once every destination is known, a stranger's abort changes nothing but
+    # is acknowledged all the same
     tx2 = SenderRoom(2, schema=SCHEMA, block_size=128, now=0, timeout=10)
     tx2.request(TransferRequest(session="a", room=2, epoch=1, dst_blocks=[0], dst_tokens=1), 0)
-    assert [
-        type(a) for a in tx2.peer_abort(Abort(session="b", room=2, epoch=1, reason="x"), 1)
-    ] == [Drop]
+    acts = tx2.peer_abort(Abort(session="b", room=2, epoch=1, reason="x"), 1)
+    assert [(type(a.msg), a.to, a.msg.status) for a in acts] == [(StatusUpdate, "b", S.Failed)]
     assert tx2.status is S.WaitingForInput
 
 

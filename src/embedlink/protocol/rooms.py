@@ -466,8 +466,22 @@ class SenderRoom(_Room):
             missing = self.required is None or len(self.dsts) < self.required
             if missing and not self.done:
                 self._fail(f"aborted by peer: {msg.reason}", now, out)
-            else:
-                out.append(Drop(f"room {self.room}: abort from an unknown destination"))
+            # Its request never reached us, so nothing of ours is in flight to
+            # it: acknowledge, or it keeps the blocks it offered until this
+            # room is collected (its abort may be a repeat, the first answer lost).
+            out.append(
+                Send(
+                    StatusUpdate(
+                        room=self.room,
+                        epoch=msg.epoch,
+                        status=Status.Failed,
+                        sent_tokens=0,
+                        total_tokens=0,
+                        reason=self.failure_reason or f"aborted by peer: {msg.reason}",
+                    ),
+                    msg.session,
+                )
+            )
             return out
         if d.epoch != msg.epoch:
             out.append(Drop(f"room {self.room}: abort for an old epoch"))
