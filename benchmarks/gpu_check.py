@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
 import torch  # noqa: E402  (first, so its CUDA runtime is what native engines load)
 
 from embedlink import BootstrapServer, BufferSchema, LanguageEndpoint, Status, TransferError  # noqa: E402
-from embedlink.workers import encoder_worker, language_worker, make_embedding, same_embedding  # noqa: E402
+from embedlink.tools.workers import encoder_worker, language_worker, make_embedding, same_embedding  # noqa: E402
 
 # A dry run on a CPU machine: GPU_CHECK_DEVICE=cpu GPU_CHECK_TRANSPORT=tcp
 DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda:0")
@@ -237,7 +237,7 @@ def many(ctx: Any, boot: BootstrapServer) -> dict[str, Any]:
 def bench_rows() -> dict[str, Any]:
     from dataclasses import asdict
 
-    from embedlink.bench import run_bench
+    from embedlink.tools.bench import run_bench
 
     rows: list[Any] = []
     # throughput, 4 in flight

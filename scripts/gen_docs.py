@@ -8,7 +8,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from embedlink._docs import render_configuration_md, render_protocol_md  # noqa: E402
+from embedlink.tools.docs import render_configuration_md, render_protocol_md  # noqa: E402
 
 (ROOT / "docs" / "protocol.md").write_text(render_protocol_md())
 (ROOT / "docs" / "configuration.md").write_text(render_configuration_md())

@@ -2,7 +2,7 @@ import ml_dtypes
 import numpy as np
 
 from embedlink import BufferSchema
-from embedlink.sim import Link
+from embedlink.testing.sim import Link
 
 SCHEMA = BufferSchema(hidden_size=8)
 

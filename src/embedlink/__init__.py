@@ -6,8 +6,8 @@ may change. ``tests/unit/test_exported_members.py`` pins it.
 
 from .bootstrap import BootstrapClient, BootstrapError, BootstrapServer
 from .embedding import Embedding
-from .encoder import EncoderEndpoint, Sender
-from .language import LanguageEndpoint, Receiver
+from .endpoints.encoder import EncoderEndpoint, Sender
+from .endpoints.language import LanguageEndpoint, Receiver
 from .memory import BlockAllocator, BufferPool
 from .protocol import (
     PROTOCOL_VERSION,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -611,3 +612,11 @@ def pool_status(pool: BufferPool, allocator: BlockAllocator) -> dict[str, Any]:
         "bytes_total": pool.nbytes,
         "device": str(pool.device or "cpu"),
     }
+
+
+def checksum(arrays: dict[str, np.ndarray[Any, Any]]) -> int:
+    """CRC-32 over every field's bytes, in schema order; stored in the aux record."""
+    crc = 0
+    for a in arrays.values():
+        crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1), crc)  # type: ignore[arg-type]
+    return crc

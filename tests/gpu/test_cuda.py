@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     )
 
 from embedlink import BufferPool, BufferSchema, LanguageEndpoint, Status  # noqa: E402
-from embedlink.workers import encoder_worker, make_embedding, same_embedding  # noqa: E402
+from embedlink.tools.workers import encoder_worker, make_embedding, same_embedding  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(180)]
 SCHEMA = BufferSchema(hidden_size=512)

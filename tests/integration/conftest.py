@@ -5,7 +5,7 @@ import queue
 
 import pytest
 
-from embedlink.workers import encoder_worker, language_worker
+from embedlink.tools.workers import encoder_worker, language_worker
 
 CTX = mp.get_context("spawn")
 

@@ -41,7 +41,7 @@ from embedlink import (
     Status,
     TransferError,
 )
-from embedlink.workers import make_embedding, same_embedding
+from embedlink.tools.workers import make_embedding, same_embedding
 
 TERMINAL = (int(Status.Success), int(Status.Failed))
 

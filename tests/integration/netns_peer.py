@@ -20,7 +20,7 @@ from embedlink import (
     LanguageEndpoint,
     TransferError,
 )
-from embedlink.workers import make_embedding, same_embedding
+from embedlink.tools.workers import make_embedding, same_embedding
 
 SCHEMA = BufferSchema(hidden_size=512)
 

@@ -13,7 +13,7 @@ from embedlink import (
     TransferError,
 )
 from embedlink.protocol import Heartbeat, encode
-from embedlink.workers import make_embedding, same_embedding
+from embedlink.tools.workers import make_embedding, same_embedding
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 SCHEMA = BufferSchema(hidden_size=16)

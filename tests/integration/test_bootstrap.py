@@ -103,7 +103,7 @@ def test_bootstrap_cli_serves_health(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     p = subprocess.Popen(
-        [sys.executable, "-m", "embedlink.cli", "bootstrap", "--port", str(port)],
+        [sys.executable, "-m", "embedlink.service.cli", "bootstrap", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

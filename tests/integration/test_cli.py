@@ -19,7 +19,7 @@ def test_import_prints_failed_value():
 
 
 def test_cli_version():
-    p = run(sys.executable, "-m", "embedlink.cli", "version")
+    p = run(sys.executable, "-m", "embedlink.service.cli", "version")
     assert p.returncode == 0 and "protocol 1" in p.stdout
 
 
@@ -28,7 +28,7 @@ def test_cli_demo_verifies_every_request(transport):
     p = run(
         sys.executable,
         "-m",
-        "embedlink.cli",
+        "embedlink.service.cli",
         "demo",
         "-n",
         "12",
@@ -48,7 +48,7 @@ def test_cli_demo_verifies_every_request(transport):
 
 def test_cli_demo_rejects_bad_flags():
     p = run(
-        sys.executable, "-m", "embedlink.cli", "demo", "--min-tokens", "10", "--max-tokens", "5"
+        sys.executable, "-m", "embedlink.service.cli", "demo", "--min-tokens", "10", "--max-tokens", "5"
     )
     assert p.returncode != 0
     assert "min-tokens" in p.stdout + p.stderr
@@ -56,13 +56,13 @@ def test_cli_demo_rejects_bad_flags():
 
 def test_cli_demo_model_rejects_an_unknown_model_and_misplaced_flags():
     # no model is loaded for any of these: they need no embedlink[examples]
-    bad = run(sys.executable, "-m", "embedlink.cli", "demo", "--model", "llava-huge")
+    bad = run(sys.executable, "-m", "embedlink.service.cli", "demo", "--model", "llava-huge")
     assert bad.returncode == 2
     assert "'llava-huge' is not one of 'qwen2-vl-tiny', 'qwen3-vl-tiny'" in bad.stderr
     bad = run(
         sys.executable,
         "-m",
-        "embedlink.cli",
+        "embedlink.service.cli",
         "demo",
         "--model",
         "qwen2-vl-tiny",
@@ -70,13 +70,13 @@ def test_cli_demo_model_rejects_an_unknown_model_and_misplaced_flags():
         "64",
     )
     assert bad.returncode == 2 and "--hidden-size: not with --model" in bad.stderr
-    bad = run(sys.executable, "-m", "embedlink.cli", "demo", "--new-tokens", "3")
+    bad = run(sys.executable, "-m", "embedlink.service.cli", "demo", "--new-tokens", "3")
     assert bad.returncode == 2 and "--new-tokens: only with --model" in bad.stderr
 
 
 def quick_bench(*args):
     """``embedlink bench --quick --json`` at hidden size 256, plus ``args``."""
-    cmd = [sys.executable, "-m", "embedlink.cli", "bench", "--quick", "--json"]
+    cmd = [sys.executable, "-m", "embedlink.service.cli", "bench", "--quick", "--json"]
     return run(*cmd, "--hidden-size", "256", *args, timeout=300)
 
 
@@ -149,7 +149,7 @@ def test_bench_fails_fast_when_a_worker_dies():
     import multiprocessing as mp
     import time
 
-    from embedlink.bench import _reply
+    from embedlink.tools.bench import _reply
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -170,7 +170,7 @@ def test_cli_log_level_and_json_lines_reach_the_child_processes():
     p = run(
         sys.executable,
         "-m",
-        "embedlink.cli",
+        "embedlink.service.cli",
         "--log-level",
         "info",
         "--log-json",
@@ -192,19 +192,19 @@ def test_cli_log_level_and_json_lines_reach_the_child_processes():
         except ValueError:
             continue
     loggers = {r["logger"] for r in records}
-    assert "embedlink.encoder" in loggers, p.stderr[-2000:]
+    assert "embedlink.endpoints.encoder" in loggers, p.stderr[-2000:]
     assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
 
 
 def test_cli_rejects_unknown_log_level():
-    p = run(sys.executable, "-m", "embedlink.cli", "--log-level", "loud", "version")
+    p = run(sys.executable, "-m", "embedlink.service.cli", "--log-level", "loud", "version")
     assert p.returncode != 0 and "log-level" in (p.stdout + p.stderr)
 
 
 def test_zmq_round_trip_runs_between_two_processes_placed_as_asked():
     import os
 
-    from embedlink.bench import worker_cpus, zmq_round_trip_ms
+    from embedlink.tools.bench import worker_cpus, zmq_round_trip_ms
 
     assert worker_cpus(False) == (None, None)
     cpus = worker_cpus(True)

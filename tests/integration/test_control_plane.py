@@ -5,9 +5,9 @@ import time
 
 import pytest
 import zmq
+from embedlink._runtime.host import host_id
 
 from embedlink import BufferPool, BufferSchema, EncoderEndpoint, LanguageEndpoint, Status
-from embedlink._host import host_id
 from embedlink.protocol import (
     AUX_FIELD,
     FieldDesc,
@@ -20,7 +20,7 @@ from embedlink.protocol import (
     encode,
 )
 from embedlink.transports import get_backend
-from embedlink.workers import make_embedding, same_embedding
+from embedlink.tools.workers import make_embedding, same_embedding
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 SCHEMA = BufferSchema(hidden_size=32)

@@ -26,7 +26,7 @@ from embedlink import (
     Status,
     TransferError,
 )
-from embedlink.workers import make_embedding, same_embedding
+from embedlink.tools.workers import make_embedding, same_embedding
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -549,7 +549,7 @@ def test_garbage_to_an_encoder_is_counted_exactly_and_logged_sparingly(caplog):
     """5,000 malformed and 500 unauthenticated messages from one peer, 50
     more from 50 peers: counted exactly, fewer than 100 warning lines (one
     per peer this interval), and the endpoint still serves a real room."""
-    caplog.set_level(logging.INFO, logger="embedlink.encoder")
+    caplog.set_level(logging.INFO, logger="embedlink.endpoints.encoder")
     secret = "s3cret"
     ctx = zmq.Context()
     try:
@@ -565,7 +565,7 @@ def test_garbage_to_an_encoder_is_counted_exactly_and_logged_sparingly(caplog):
         ):  # fmt: skip
             noisy = ctx.socket(zmq.DEALER)
             noisy.connect(f"tcp://{enc.address}")
-            from embedlink.auth import Authenticator
+            from embedlink._runtime.auth import Authenticator
 
             auth = Authenticator(secret)
             for i in range(5000):
@@ -587,7 +587,7 @@ def test_garbage_to_an_encoder_is_counted_exactly_and_logged_sparingly(caplog):
             metrics = enc.metrics
             assert metrics.dropped.labels("encoder")._value.get() == 5050
             assert metrics.unauthenticated.labels("encoder")._value.get() == 500
-            lines = _warnings(caplog, "embedlink.encoder")
+            lines = _warnings(caplog, "embedlink.endpoints.encoder")
             # one per noisy peer, and for the loudest one a summary per 10 s
             # interval should the machine be slow enough for one to pass
             assert 51 <= len(lines) < 100
@@ -609,7 +609,7 @@ def test_garbage_from_an_encoder_is_counted_exactly_and_logged_sparingly(caplog)
     """A rogue "encoder" (a ROUTER the language rank connects to) answers
     with 5,000 malformed messages: counted exactly, fewer than 100 warning
     lines, and no room changes."""
-    caplog.set_level(logging.INFO, logger="embedlink.language")
+    caplog.set_level(logging.INFO, logger="embedlink.endpoints.language")
     ctx = zmq.Context()
     rogue = ctx.socket(zmq.ROUTER)
     # wait at the peer's high-water mark instead of dropping (a busy machine
@@ -634,7 +634,7 @@ def test_garbage_from_an_encoder_is_counted_exactly_and_logged_sparingly(caplog)
             until(lambda: lang.dropped_messages >= 5000, what="every garbage message counted")
             assert lang.dropped_messages == 5000
             assert lang.metrics.dropped.labels("language")._value.get() == 5000
-            assert len(_warnings(caplog, "embedlink.language")) < 100
+            assert len(_warnings(caplog, "embedlink.endpoints.language")) < 100
             assert rx.poll() is Status.WaitingForInput  # garbage changes no room
             rx.abort("done")
     finally:

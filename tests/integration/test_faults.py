@@ -9,7 +9,7 @@ import time
 import pytest
 
 from embedlink import BufferSchema, LanguageEndpoint, Status, TransferError, _loop
-from embedlink.workers import make_embedding, same_embedding
+from embedlink.tools.workers import make_embedding, same_embedding
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 HIDDEN = 256

@@ -21,7 +21,7 @@ from embedlink.protocol import (
     TransferRequest,
     encode,
 )
-from embedlink.workers import make_embedding, same_embedding
+from embedlink.tools.workers import make_embedding, same_embedding
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 SCHEMA = BufferSchema(hidden_size=16)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from embedlink import BufferSchema, EncoderEndpoint, LanguageEndpoint, Status, TransferError
-from embedlink.workers import make_embedding, same_embedding
+from embedlink.tools.workers import make_embedding, same_embedding
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 SCHEMA = BufferSchema(hidden_size=8)

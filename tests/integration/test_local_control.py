@@ -6,10 +6,10 @@ heartbeats."""
 import time
 
 import pytest
+from embedlink._runtime.lane import SUPPORTED
 
 from embedlink import BufferSchema, EncoderEndpoint, LanguageEndpoint, Status
-from embedlink._lane import SUPPORTED
-from embedlink.workers import make_embedding, same_embedding
+from embedlink.tools.workers import make_embedding, same_embedding
 
 pytestmark = [
     pytest.mark.integration,

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from embedlink import BufferSchema, EncoderEndpoint, LanguageEndpoint, Status
-from embedlink.workers import make_embedding, same_embedding
+from embedlink.tools.workers import make_embedding, same_embedding
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 SCHEMA = BufferSchema(hidden_size=32)

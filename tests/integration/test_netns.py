@@ -119,7 +119,7 @@ def test_pipeline_across_two_network_namespaces(netns_pair, transport):
         assert all(st == 3 and why is None for st, why in summary["statuses"].values()), summary
         assert list(summary["sessions"].values()) == [transport]
         if transport == "nixl":
-            from embedlink.bench import ucx_put_path
+            from embedlink.tools.bench import ucx_put_path
 
             # the encoder's interface in its namespace: tcp over the veth, not loopback
             assert ucx_put_path("".join(before)) == f"tcp/v{ns_a[3:]}a", "".join(before)[-3000:]

@@ -28,7 +28,7 @@ from embedlink.transports import (
     get_backend,
     nixl,
 )
-from embedlink.workers import make_embedding, same_embedding
+from embedlink.tools.workers import make_embedding, same_embedding
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -312,7 +312,7 @@ for cls in (EncoderEndpoint, LanguageEndpoint):
     else:
         print(cls.__name__, "made")
 if len(sys.argv) > 1:
-    from embedlink.cli import main
+    from embedlink.service.cli import main
     sys.argv = ["embedlink", *sys.argv[1:]]
     main()
 """
@@ -352,7 +352,7 @@ import sys
 sys.modules["nixl_cu12"] = None  # this process has no NIXL
 sys.modules["nixl_cu13"] = None
 from embedlink import BufferSchema, EncoderEndpoint
-from embedlink.workers import make_embedding
+from embedlink.tools.workers import make_embedding
 schema = BufferSchema(hidden_size=int(sys.argv[2]))
 with EncoderEndpoint(schema, bootstrap=sys.argv[1], num_blocks=32, transports=("tcp",)) as enc:
     tx = enc.sender(1)

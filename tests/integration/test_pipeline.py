@@ -20,7 +20,7 @@ from embedlink import (
     Status,
     TransferError,
 )
-from embedlink.workers import make_embedding, same_embedding
+from embedlink.tools.workers import make_embedding, same_embedding
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

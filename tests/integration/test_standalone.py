@@ -17,7 +17,7 @@ ENV = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDLINK_", "S
     "PYTHONUNBUFFERED": "1",
     "COLUMNS": "200",
 }
-CLI = [sys.executable, "-m", "embedlink.cli"]
+CLI = [sys.executable, "-m", "embedlink.service.cli"]
 
 
 class Proc:

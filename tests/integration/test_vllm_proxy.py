@@ -29,7 +29,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from embedlink.vllm_proxy import has_multimodal_input
+from embedlink.integrations.vllm_proxy import has_multimodal_input
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -174,7 +174,7 @@ class Proxy:
     """``embedlink vllm-proxy --port 0`` in its own process."""
 
     def __init__(self, *args: str) -> None:
-        cmd = [sys.executable, "-m", "embedlink.cli", "vllm-proxy", "--port", "0", *args]
+        cmd = [sys.executable, "-m", "embedlink.service.cli", "vllm-proxy", "--port", "0", *args]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
         )
@@ -560,7 +560,7 @@ def test_proxy_exits_cleanly_on_a_signal(ups, sig):
 )
 def test_cli_rejects_urls_that_are_not_http(flag, url):
     args = {"--encoder": "http://127.0.0.1:1", "--prefill": "http://127.0.0.1:2", flag: url}
-    cmd = [sys.executable, "-m", "embedlink.cli", "vllm-proxy", "--port", "0"]
+    cmd = [sys.executable, "-m", "embedlink.service.cli", "vllm-proxy", "--port", "0"]
     for k, v in args.items():
         cmd += [k, v]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=ENV)

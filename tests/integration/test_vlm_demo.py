@@ -133,7 +133,7 @@ def test_a_perturbed_room_comes_out_different(result, model, dtype):
 def test_the_model_demo_refuses_a_perturbation_its_model_cannot_have():
     from click.testing import CliRunner
 
-    from embedlink.cli import main
+    from embedlink.service.cli import main
 
     bad = CliRunner().invoke(main, ["demo", "--model", "qwen2-vl-tiny", "--perturb", "1:deepstack"])
     assert bad.exit_code == 2 and "needs a model with DeepStack" in bad.output

@@ -3,7 +3,7 @@
 The test process is a language-side scheduler rank: SGLang's config is
 published once, a gloo TP group of one is up, and SGLang's own
 ``load_plugins()`` has installed the plugin (``EMBEDLINK_SGLANG=1``).
-Encoders run in processes of their own (``_sglang_testbed.encoder_main``)."""
+Encoders run in processes of their own (``embedlink.tools.sglang_testbed.encoder_main``)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from embedlink.integrations import _sglang_testbed as sglang_env  # noqa: E402
+from embedlink.tools import sglang_testbed as sglang_env  # noqa: E402
 
 # set before SGLang's modules read them (the plugin, SGLang's receive timeout)
 os.environ["EMBEDLINK_SGLANG"] = "1"
@@ -139,7 +139,7 @@ class Encoder:
 
 @pytest.fixture
 def spawn_encoder(model_dir: str) -> Iterator[Any]:
-    """Start an encoder-only SGLang server (``_sglang_testbed.encoder_main``) on port 0;
+    """Start an encoder-only SGLang server (``embedlink.tools.sglang_testbed.encoder_main``) on port 0;
     returns it once it listens."""
     started: list[Encoder] = []
 

@@ -1,7 +1,7 @@
 """Requests through SGLang's real EPD classes with the plugin in place: the
 scheduler-side receiver in this process, encoder-only servers in their own
 processes, embedlink's endpoints between them (conftest,
-embedlink.integrations._sglang_testbed)."""
+embedlink.tools.sglang_testbed)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import time
 
 import pytest
 import torch
+from embedlink.tools.sglang_testbed import HIDDEN, expected_rows, part_seed
 
 from conftest import encoder_state, pools_free, tick_until_done
 from embedlink import Status
-from embedlink.integrations._sglang_testbed import HIDDEN, expected_rows, part_seed
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -1,4 +1,4 @@
-"""The SGLang bench (embedlink.integrations.sglang_bench) in a tiny
+"""The SGLang bench (embedlink.tools.sglang_bench) in a tiny
 configuration: SGLang's own zmq_to_scheduler path and the plugin over shm and
 tcp, real encoder servers and a real scheduler-side receiver in processes of
 their own. Every request must arrive byte-identical; nothing is asserted

@@ -1,6 +1,7 @@
 import pathlib
 
-from embedlink._docs import render_configuration_md, render_protocol_md
+from embedlink.tools.docs import render_configuration_md, render_protocol_md
+
 from embedlink.config import SETTINGS
 from embedlink.protocol import TRANSITIONS, Move
 

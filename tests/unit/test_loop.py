@@ -8,9 +8,9 @@ import threading
 import time
 
 import pytest
+from embedlink._runtime.loop import Loop
 
-from embedlink import _loop
-from embedlink._loop import Loop
+from embedlink._runtime import loop as _loop
 
 pytestmark = [
     pytest.mark.timeout(30),

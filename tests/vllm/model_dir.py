@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 # the tiny model's vocabulary: the bench's (one definition; stdlib-only import)
-from embedlink.integrations.vllm_bench import (
+from embedlink.tools.vllm_bench import (
     AUDIO_TOKEN_ID,
     EOS_TOKEN_ID,
     TEXT_TOKEN_ID,
@@ -61,11 +61,11 @@ NUM_GPU_BLOCKS = 1024
 def make_model_dir(path: pathlib.Path) -> pathlib.Path:
     """Write a weightless tiny Qwen2-Audio model directory at ``path`` (hidden
     size 64, float16); return it. The bench makes the same directory at other
-    sizes: one writer of it, in embedlink.integrations.vllm_bench.
+    sizes: one writer of it, in embedlink.tools.vllm_bench.
 
     Idempotent: an existing directory is overwritten file by file.
     """
-    from embedlink.integrations.vllm_bench import make_model_dir as make
+    from embedlink.tools.vllm_bench import make_model_dir as make
 
     return make(pathlib.Path(path), width=HIDDEN_SIZE, dtype="float16", max_len=MAX_MODEL_LEN)
 

@@ -1,4 +1,4 @@
-"""The vLLM connector bench (embedlink.integrations.vllm_bench) in a tiny
+"""The vLLM connector bench (embedlink.tools.vllm_bench) in a tiny
 configuration: real Schedulers, real worker processes and hooks, two items of
 64 x 64 bfloat16 rows through ECExampleConnector, EmbedlinkECConnector over
 tcp and shm, and ECMooncakeConnector where the Mooncake Transfer Engine is

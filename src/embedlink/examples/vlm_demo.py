@@ -153,7 +153,7 @@ def encoder_process(cfg: dict[str, Any], cmds: Any, events: Any) -> None:
     """
     try:
         torch = _init_process(cfg)
-        from ..encoder import EncoderEndpoint
+        from ..endpoints.encoder import EncoderEndpoint
         from .qwen_vl import TinyVL, perturb
 
         events.put(("up", "encoder", _versions(torch)))
@@ -219,7 +219,7 @@ def language_process(cfg: dict[str, Any], cmds: Any, events: Any) -> None:
     """
     try:
         torch = _init_process(cfg)
-        from ..language import LanguageEndpoint
+        from ..endpoints.language import LanguageEndpoint
         from ..protocol import TransferError
         from .qwen_vl import TinyVL
 

@@ -45,8 +45,8 @@ import msgspec
 import numpy as np
 
 from ..embedding import Embedding
-from ..encoder import EncoderEndpoint, Sender
-from ..language import LanguageEndpoint, Receiver
+from ..endpoints.encoder import EncoderEndpoint, Sender
+from ..endpoints.language import LanguageEndpoint, Receiver
 from ..protocol import BufferSchema, FieldSpec, Status, TransferError
 
 log = logging.getLogger(__name__)

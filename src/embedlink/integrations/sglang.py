@@ -50,8 +50,8 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from .. import config as _config
 from ..embedding import Embedding
-from ..encoder import EncoderEndpoint, Sender
-from ..language import LanguageEndpoint, Receiver
+from ..endpoints.encoder import EncoderEndpoint, Sender
+from ..endpoints.language import LanguageEndpoint, Receiver
 from ..protocol import Status, TransferError
 from ._plane import embedding_schema
 from .sglang_plugin import DELIVERY, WAITING

@@ -40,8 +40,8 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from .. import config as _config
-from ..encoder import EncoderEndpoint
-from ..language import LanguageEndpoint
+from ..endpoints.encoder import EncoderEndpoint
+from ..endpoints.language import LanguageEndpoint
 from ._plane import (
     ConsumerScheduler,
     ConsumerWorker,

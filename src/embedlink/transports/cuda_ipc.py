@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .._host import host_id as local_host_id
+from .._runtime.host import host_id as local_host_id
 from ..memory import BufferPool
 from ..protocol import AUX_FIELD, Copy, TransportOffer
 from . import Backend

@@ -1,7 +1,7 @@
 """``shm``: same host. The language pool lives in POSIX shared memory; the
 encoder maps it once per peer and copies straight into it (one memcpy per
 merged copy, no staging). Offered only when both ends run on the same kernel
-(:func:`embedlink._host.host_id`) and the segment can actually be opened.
+(:func:`embedlink._runtime.host.host_id`) and the segment can actually be opened.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .._host import host_id as local_host_id
+from .._runtime.host import host_id as local_host_id
 from ..memory import BufferPool, pool_layout
 from ..protocol import AUX_FIELD, BufferSchema, Copy, TransportOffer
 from . import Backend

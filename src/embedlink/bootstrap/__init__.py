@@ -30,9 +30,9 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from .auth import AUTH_HEADER, Authenticator
-from .metrics import render
-from .protocol import EmbedlinkError
+from .._runtime.auth import AUTH_HEADER, Authenticator
+from ..observability.metrics import render
+from ..protocol import EmbedlinkError
 
 log = logging.getLogger(__name__)
 

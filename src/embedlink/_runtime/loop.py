@@ -32,7 +32,7 @@ from typing import Any
 
 import zmq
 
-from ._lane import Lane
+from .lane import Lane
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import aiohttp
 
-from .protocol import RoomId
+from ..protocol import RoomId
 
 log = logging.getLogger(__name__)
 

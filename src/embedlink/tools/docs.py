@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import msgspec.inspect as mi
 
-from .protocol import PROTOCOL_VERSION, TRANSITIONS, Move, Status
-from .protocol.messages import _TYPES
+from ..protocol import PROTOCOL_VERSION, TRANSITIONS, Move, Status
+from ..protocol.messages import _TYPES
 
 __all__ = ["render_configuration_md", "render_protocol_md"]
 
@@ -151,7 +151,7 @@ def render_protocol_md() -> str:
 
 def render_configuration_md() -> str:
     """``docs/configuration.md``: every setting of the standalone commands."""
-    from .config import ROLES, SETTINGS
+    from ..config import ROLES, SETTINGS
 
     lines = [
         "# Configuring the embedlink commands",

@@ -1,0 +1,2 @@
+"""What operators run: the ``embedlink`` command (``cli``) and the standalone
+encoder and language processes it starts (``standalone``)."""
