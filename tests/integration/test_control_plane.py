@@ -5,9 +5,9 @@ import time
 
 import pytest
 import zmq
-from embedlink._runtime.host import host_id
 
 from embedlink import BufferPool, BufferSchema, EncoderEndpoint, LanguageEndpoint, Status
+from embedlink._runtime.host import host_id
 from embedlink.protocol import (
     AUX_FIELD,
     FieldDesc,
@@ -19,8 +19,8 @@ from embedlink.protocol import (
     decode,
     encode,
 )
-from embedlink.transports import get_backend
 from embedlink.tools.workers import make_embedding, same_embedding
+from embedlink.transports import get_backend
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 SCHEMA = BufferSchema(hidden_size=32)

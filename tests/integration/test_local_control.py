@@ -6,9 +6,9 @@ heartbeats."""
 import time
 
 import pytest
-from embedlink._runtime.lane import SUPPORTED
 
 from embedlink import BufferSchema, EncoderEndpoint, LanguageEndpoint, Status
+from embedlink._runtime.lane import SUPPORTED
 from embedlink.tools.workers import make_embedding, same_embedding
 
 pytestmark = [

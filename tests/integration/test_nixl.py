@@ -21,6 +21,7 @@ import pytest
 
 from embedlink import BufferPool, BufferSchema, LanguageEndpoint, TransferError
 from embedlink.protocol import AUX_FIELD, Copy, TransportOffer
+from embedlink.tools.workers import make_embedding, same_embedding
 from embedlink.transports import (
     TransportError,
     TransportUnavailable,
@@ -28,7 +29,6 @@ from embedlink.transports import (
     get_backend,
     nixl,
 )
-from embedlink.tools.workers import make_embedding, same_embedding
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -5,9 +5,9 @@ import struct
 
 import numpy as np
 import pytest
-from embedlink._runtime.host import host_id
 
 from embedlink import BufferPool, BufferSchema
+from embedlink._runtime.host import host_id
 from embedlink.protocol import AUX_FIELD, Copy
 from embedlink.transports import TransportError, WriteOutOfBounds, get_backend
 from embedlink.transports.base import regions_of

@@ -9,10 +9,10 @@ import time
 
 import pytest
 import torch
-from embedlink.tools.sglang_testbed import HIDDEN, expected_rows, part_seed
 
 from conftest import encoder_state, pools_free, tick_until_done
 from embedlink import Status
+from embedlink.tools.sglang_testbed import HIDDEN, expected_rows, part_seed
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from embedlink.tools.bench import BenchRow
 from embedlink.service.cli import _bench_table
+from embedlink.tools.bench import BenchRow
 
 RESULTS = sorted(Path(__file__).parents[2].glob("benchmarks/results/bench_2core_*_run1.json"))
 

@@ -1,9 +1,8 @@
 import pathlib
 
-from embedlink.tools.docs import render_configuration_md, render_protocol_md
-
 from embedlink.config import SETTINGS
 from embedlink.protocol import TRANSITIONS, Move
+from embedlink.tools.docs import render_configuration_md, render_protocol_md
 
 DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"
 DOC = DOCS / "protocol.md"

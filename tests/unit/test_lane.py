@@ -6,9 +6,9 @@ import struct
 import uuid
 
 import pytest
-from embedlink._runtime.lane import MAX_FRAME, Lane
 
 from embedlink._runtime import lane as _lane
+from embedlink._runtime.lane import MAX_FRAME, Lane
 
 pytestmark = pytest.mark.skipif(not _lane.SUPPORTED, reason="lanes need Linux abstract sockets")
 

@@ -8,9 +8,9 @@ import threading
 import time
 
 import pytest
-from embedlink._runtime.loop import Loop
 
 from embedlink._runtime import loop as _loop
+from embedlink._runtime.loop import Loop
 
 pytestmark = [
     pytest.mark.timeout(30),
