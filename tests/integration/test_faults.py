@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from embedlink import BufferSchema, LanguageEndpoint, Status, TransferError, _loop
+from embedlink import BufferSchema, LanguageEndpoint, Status, TransferError
+from embedlink._runtime import loop as _loop
 from embedlink.tools.workers import make_embedding, same_embedding
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

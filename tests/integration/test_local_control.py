@@ -249,7 +249,8 @@ def test_an_abort_from_another_thread_ends_a_wait_that_serves_the_lane(monkeypat
     tested with a hung encoder in test_faults.py."""
     import threading
 
-    from embedlink import TransferError, _loop
+    from embedlink import TransferError
+    from embedlink._runtime import loop as _loop
 
     monkeypatch.setattr(_loop, "SERVE_SLICE_S", 60.0)
     with (
