@@ -27,7 +27,6 @@ its ``send()`` then fails that room at its deadline, and the pools move on.
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
 import os
@@ -36,22 +35,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import zmq
-
-from .._runtime import lane as _lane
-from .._runtime.auth import Authenticator
-from .._runtime.host import host_id
-from .._runtime.loop import BUSY_POLL_S, CLOSE_LINGER_MS, Loop, check_endpoint_knobs
-from ..bootstrap.resolver import Resolver, check_bootstrap_address, route_for
-from ..embedding import Embedding, from_pool_arrays
-from ..memory import BlockAllocator, BufferPool, pool_status
-from ..observability.metrics import EndpointMetrics, MetricsExporter, rooms_by_status
-from ..observability.noise import NoiseLog
-from ..protocol import (
+from ..._runtime.auth import Authenticator
+from ..._runtime.host import host_id
+from ..._runtime.loop import BUSY_POLL_S, CLOSE_LINGER_MS, Loop, check_endpoint_knobs
+from ...bootstrap.resolver import Resolver, check_bootstrap_address, route_for
+from ...memory import BlockAllocator, BufferPool, pool_status
+from ...observability.metrics import EndpointMetrics, MetricsExporter, rooms_by_status
+from ...observability.noise import NoiseLog
+from ...protocol import (
     AUX_FIELD,
     Abort,
     Action,
@@ -61,7 +54,6 @@ from ..protocol import (
     FreeBlocks,
     Harvest,
     Heartbeat,
-    Message,
     ReceiverRoom,
     RegionDesc,
     Register,
@@ -72,202 +64,18 @@ from ..protocol import (
     Status,
     StatusChanged,
     StatusUpdate,
-    TransferError,
     decode,
-    encode,
 )
-from ..transports import TransportServer, get_backend
+from ...transports import TransportServer, get_backend
+from .assembly import Assembler
+from .links import EncoderLink, Fence, Fences, Links
+from .receiver import LiveRoom, Receiver
+from .reservations import ReservationQueue
+from .routing import RouteWaiters
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LanguageEndpoint", "Receiver", "route_for"]
-
-
-@dataclass
-class _Encoder:
-    """The control connection to one encoder rank: a ZeroMQ DEALER, or a lane
-    when the encoder runs on this host."""
-
-    address: str
-    sock: zmq.Socket[bytes] | None
-    lane: _lane.Lane | None = None
-    last_seen: float = field(default_factory=time.monotonic)
-    last_ping: float = 0.0
-    seq: int = 0
-    #: names this control connection's data-plane link (see TransportServer.fence)
-    token: str = field(default_factory=lambda: secrets.token_hex(16))
-
-    @property
-    def control(self) -> str:
-        return "zmq" if self.lane is None else "unix"
-
-    def send(self, payload: bytes) -> bool:
-        """Send one sealed message; False when it was dropped."""
-        if self.lane is not None:
-            return self.lane.send(payload)
-        assert self.sock is not None
-        if self.sock.closed:  # declared dead meanwhile: nothing goes out any more
-            return False
-        self.sock.send(payload)
-        return True
-
-    def close(self, linger_ms: int = 0) -> None:
-        """``linger_ms``: how long ZeroMQ may still try to deliver what was sent."""
-        if self.lane is not None:
-            self.lane.close()
-        if self.sock is not None:
-            self.sock.close(linger_ms)
-
-
-@dataclass
-class _Fence:
-    """The rooms of one encoder declared dead, holding the blocks it was
-    offered until its data-plane link is fenced on every transport."""
-
-    encoder: _Encoder
-    #: when a transport that cannot fence lets the blocks go (monotonic)
-    release_at: float
-    rooms: list[_Live] = field(default_factory=list)
-    #: transports that will still call one_done
-    waiting: int = 0
-    #: some transport cannot fence: wait for release_at too
-    graced: bool = False
-    settled: bool = False
-
-
-@dataclass
-class _Live:
-    room: ReceiverRoom
-    encoder: _Encoder | None
-    done: threading.Event = field(default_factory=threading.Event)
-    created: float = field(default_factory=time.monotonic)
-    result: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
-    aux: Any = None
-    queued: bool = False  # waiting in the reservation queue
-    cleared: bool = False  # the user called clear(): wait() has nothing to return
-    pinned: tuple[int, ...] | None = None  # blocks a zero-copy result lives in
-    #: zero-copy rooms that resume: the first pool token of the contiguous run
-    #: the whole embedding is assembled in (``pinned`` holds its blocks) ...
-    area_start: int | None = None
-    #: ... and the part of it the next chunk is to land in (its reservation)
-    extension: list[int] | None = None
-    #: the caller's thread is still starting the room (``receiver``'s fast
-    #: path): the loop queues what it would do to it in ``deferred`` instead
-    starting: bool = False
-    deferred: list[Callable[[], None]] = field(default_factory=list)
-    #: an eventfd the thread in wait() polls while it serves the room's lane
-    #: itself (``Loop.serve_here``): written when the room ends some other
-    #: way. Set and cleared holding the loop's state.
-    waker: int | None = None
-    waker_thread: int | None = None  # the thread polling ``waker``
-    #: ``(bootstrap, dp_group)`` while the room waits for its encoder's
-    #: address (the resolver looks it up off the caller's thread)
-    route: tuple[str, int | None] | None = None
-    on_done: Callable[[RoomId], None] | None = None
-    #: counted in ``LanguageEndpoint._handed`` (until it starts or ends)
-    handed: bool = False
-    #: an ended room still holding blocks its encoder was offered: when its
-    #: Abort goes out again if no acknowledgement came (``_ask_again``)
-    ask_again_at: float | None = None
-
-
-class Receiver:
-    """One room on the language side. Obtain from :meth:`LanguageEndpoint.receiver`."""
-
-    def __init__(self, endpoint: LanguageEndpoint, live: _Live) -> None:
-        self._ep = endpoint
-        self._live = live
-        self.room: RoomId = live.room.room
-
-    def poll(self) -> Status:
-        """The room's status now. Never blocks; safe from any thread."""
-        return self._live.room.status
-
-    @property
-    def failure_reason(self) -> str | None:
-        return self._live.room.failure_reason
-
-    @property
-    def meta(self) -> bytes | None:
-        """What the encoder attached to the embedding (``Sender.send(...,
-        meta=)``), once the first chunk arrived; None when it attached nothing."""
-        return self._live.room.meta
-
-    @property
-    def history(self) -> list[tuple[Status, int]]:
-        """``(status, sent_tokens)`` in the order observed."""
-        return self._live.room.history
-
-    @property
-    def epoch(self) -> int:
-        return self._live.room.epoch
-
-    def wait(self, timeout: float | None = None) -> Embedding:
-        """Block until the room ends and return the reassembled embedding.
-
-        Raises :class:`TransferError` (room ``Failed``) with the reason, or
-        ``TimeoutError`` when ``timeout`` passes first (the room is untouched).
-        With ``zero_copy=True`` on the endpoint, an embedding that arrived in
-        one chunk is returned as views into the pool, valid until :meth:`clear`.
-        Where the room's encoder is on this host, the calling thread reads the
-        answer itself, looking for it without sleeping for the endpoint's
-        ``busy_poll_us`` after it starts and after each message (yielding the
-        CPU to other runnable threads meanwhile); the rest of the wait sleeps.
-        """
-        if self._live.cleared:
-            raise RuntimeError(f"room {self.room} was cleared: its result is gone")
-        if not self._live.done.is_set():
-            t0 = time.monotonic()
-            self._ep._serve_until_done(self._live, timeout)
-            if timeout is not None:
-                timeout = max(0.0, timeout - (time.monotonic() - t0))
-        if not self._live.done.wait(timeout):
-            raise TimeoutError(f"room {self.room} still {self.poll()} after {timeout}s")
-        room = self._live.room
-        if room.status is not Status.Success:
-            raise TransferError(self.room, room.failure_reason or "failed")
-        delta = int(self._live.aux["mrope_position_delta"]) if self._live.aux is not None else 0
-        return from_pool_arrays(self._live.result, delta)
-
-    @property
-    def in_pool(self) -> bool:
-        """What :meth:`wait` returns is views into the pool (a ``zero_copy``
-        endpoint), valid until :meth:`clear`, which gives the blocks back;
-        False for arrays of their own."""
-        return self._live.pinned is not None
-
-    @property
-    def aux(self) -> Any:
-        """The aux record (total_tokens, mrope_position_delta, checksum, flags) once known."""
-        return self._live.aux
-
-    def abort(self, reason: str = "aborted by receiver") -> None:
-        """Give up on the room. When this returns, :meth:`poll` is ``Failed``
-        and :attr:`failure_reason` is ``reason`` (and :meth:`wait` raises);
-        the encoder is told afterwards, off this thread. Blocks the encoder
-        may still write into stay reserved until it acknowledges (or is
-        declared dead). No-op once the room has ended. Never blocks."""
-        self._ep._abort_now(self._live, reason)
-
-    def clear(self) -> None:
-        """Forget the room; an unfinished room is aborted first (as
-        :meth:`abort`). Blocks the encoder may still write into stay reserved
-        until it acknowledges. Never blocks."""
-        live, ep = self._live, self._ep
-        live.cleared = True
-        ep._abort_now(live, "cleared before it finished")
-        if live.room.done and live.pinned is None and not live.room.holds_blocks:
-            # Nothing to free or tell the encoder: forget the id now (so it can
-            # be reused at once) and leave the rest, letting go of the result
-            # included, to the loop's next wake-up (a room aborted by another
-            # thread may still be in the middle of a harvest there).
-            with ep._lock:
-                if ep._rooms.get(self.room) is live:
-                    del ep._rooms[self.room]
-            ep._loop.call_lazy(ep._clear_room, live)
-        elif not ep._loop.try_run_here(ep._clear_room, live):
-            # the loop is busy: it frees the blocks (and tells the encoder)
-            ep._loop.call(ep._clear_room, live)
 
 
 class LanguageEndpoint:
@@ -363,12 +171,11 @@ class LanguageEndpoint:
         # rooms that ended and are not cleared yet, oldest first (by id(live)):
         # collected after room_ttl; clear() takes a room out at once, so a
         # busy endpoint whose users clear their rooms keeps none of them
-        self._ended: dict[int, tuple[float, _Live]] = {}
+        self._ended: dict[int, tuple[float, LiveRoom]] = {}
         self.session = f"lang-{tp_rank}-{uuid.uuid4().hex[:16]}"
-        self._token_bytes = schema.token_bytes
         self._shared: Any = None
         if "shm" in self.transports:
-            from ..transports.shm import create_shared_pool
+            from ...transports.shm import create_shared_pool
 
             if device not in (None, "cpu"):
                 raise ValueError(
@@ -386,8 +193,6 @@ class LanguageEndpoint:
         if not 0 <= self.resume_headroom < num_blocks:
             raise ValueError(f"resume_headroom={self.resume_headroom} must be in [0, {num_blocks})")
         self._servers: list[TransportServer] = []
-        self._encoders: dict[str, _Encoder] = {}
-        self._by_sock: dict[zmq.Socket[bytes], _Encoder] = {}
         # encoder addresses are looked up off the callers' threads
         self._resolver = Resolver(
             tp_rank=tp_rank,
@@ -397,15 +202,11 @@ class LanguageEndpoint:
             refresh=route_refresh,
             name=f"embedlink-resolver-{tp_rank}",
         )
-        self._unrouted: dict[int, _Live] = {}  # rooms waiting for a route, by id(live)
-        self._rooms: dict[RoomId, _Live] = {}
-        self._zombies: dict[tuple[RoomId, int], _Live] = {}
+        self._rooms: dict[RoomId, LiveRoom] = {}
+        self._zombies: dict[tuple[RoomId, int], LiveRoom] = {}
         # dead encoders whose writes may still land: their rooms keep the
         # blocks they offered until every data plane fenced the link
-        self._fencing: list[_Fence] = []
-        # rooms waiting for blocks: resumes first, then first reservations
-        self._resumes: collections.deque[tuple[_Live, int]] = collections.deque()
-        self._firsts: collections.deque[tuple[_Live, int]] = collections.deque()
+        self._fences = Fences(stale_write_grace, self._settled, log.info)
         # Rooms handed to the loop to start that have not reached their first
         # reservation yet (waiting for a route, or for the loop to run): while
         # any has, a later room must not take blocks from the caller's thread
@@ -413,12 +214,42 @@ class LanguageEndpoint:
         # ``receiver()`` was called; see _start_room. Under ``_lock``.
         self._handed = 0
         self._lock = threading.Lock()
+        # rooms waiting for blocks: resumes first, then first reservations
+        self._reservations: ReservationQueue[LiveRoom] = ReservationQueue(
+            self.allocator,
+            block_size,
+            self.resume_headroom,
+            lock=self._lock,
+            zero_copy=zero_copy,
+            handed=lambda: self._handed,
+        )
+        self._assembler = Assembler(
+            schema, self.pool, self.allocator, block_size, self.metrics, zero_copy=zero_copy
+        )
+        # rooms waiting for their encoder's address, started once it is known
+        self._routes = RouteWaiters(
+            self._resolver,
+            start=self._start_room,
+            tell=lambda live, address: self._tell_aborted(live, self._links.connect(address)),
+            unhand=self._unhand,
+            fail=self._abort_room,
+            timeout=bootstrap_timeout or room_timeout,
+        )
         # Held while a room's state machine takes one event (_step): the loop
         # and a user's thread in abort() may step the same room at once.
         self._step_lock = threading.Lock()
-        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._loop = Loop(
             f"embedlink-language-{tp_rank}", tick=self._tick, busy_poll=busy_poll_us / 1e6
+        )
+        # late-bound callbacks: a test may wrap _on_payload on the instance
+        self._links = Links(
+            self._loop,
+            self._auth,
+            local_control=local_control,
+            hello=self._register,
+            on_payload=lambda enc, payload: self._on_payload(enc, payload),
+            on_lane_closed=lambda enc, why: self._lane_closed(enc, why),
+            on_unsent=self._unsent,
         )
         # dropped input: hostile or broken (WARNING), or merely late (DEBUG),
         # each counted exactly and logged at most once per peer per interval
@@ -447,7 +278,7 @@ class LanguageEndpoint:
                     self.pool, host=self.host, options=self.transport_options.get(b.name)
                 )
                 self._servers.append(server.start())
-            self._ctx = zmq.Context()
+            self._links.open()
             self._loop.start()
             self._resolver.start()
             if self.metrics_port is not None:
@@ -475,10 +306,7 @@ class LanguageEndpoint:
                 log.warning("language: the loop did not end the open rooms before closing")
         self._loop.stop()
         self._resolver.close()
-        for e in self._encoders.values():
-            e.close(CLOSE_LINGER_MS)  # the aborts just sent, to live peers
-        if self._ctx is not None:
-            self._ctx.term()
+        self._links.close(CLOSE_LINGER_MS)  # the aborts just sent, to live peers
         for s in self._servers:
             s.close()
         if self._exporter is not None:
@@ -557,14 +385,14 @@ class LanguageEndpoint:
             default_tokens=first,
             required_dst_info_num=required,
         )
-        live = _Live(r, None, route=route, on_done=on_done)
+        live = LiveRoom(r, None, route=route, on_done=on_done)
         with self._lock:
             if room in self._rooms:
                 raise ValueError(
                     f"room {room} is still live on this language rank; clear() it first"
                 )
             self._rooms[room] = live
-            enc = None if encoder is None else self._encoders.get(encoder)
+            enc = None if encoder is None else self._links.get(encoder)
             if (
                 enc is not None
                 and enc.lane is not None
@@ -576,7 +404,7 @@ class LanguageEndpoint:
                 live.handed = True
                 self._handed += 1
         if encoder is None:
-            self._loop.call(self._await_route, live)
+            self._loop.call(self._routes.add, live)
         elif not (live.starting and self._start_here(live, enc)):
             if bootstrap is None:
                 self._loop.call(self._start_room, live, encoder)
@@ -584,13 +412,13 @@ class LanguageEndpoint:
                 self._loop.call(self._start_in_order, live, encoder, bootstrap)
         return Receiver(self, live)
 
-    def _start_here(self, live: _Live, enc: _Encoder | None) -> bool:
+    def _start_here(self, live: LiveRoom, enc: EncoderLink | None) -> bool:
         """Reserve the first blocks and send the request from the caller's
         thread, over a same-host lane: the loop thread is not woken for it,
         which saves a wake-up on every room's path (docs/performance.md).
         False, with nothing done, when the loop must do it (the pool is short
         or other rooms queue for blocks). The loop defers what it would do to
-        the room meanwhile (``_Live.starting``) and does it afterwards."""
+        the room meanwhile (``LiveRoom.starting``) and does it afterwards."""
         assert enc is not None
         now = time.monotonic()
         acts = self._step(live.room.start, now)
@@ -600,7 +428,7 @@ class LanguageEndpoint:
             return True
         (reserve,) = acts
         assert isinstance(reserve, Reserve)
-        blocks = self._take_blocks(live, reserve.tokens, first_in_line=True)
+        blocks = self._reservations.take(reserve.tokens, first=True, first_in_line=True)
         if blocks is None:
             with self._lock:  # the loop starts it: later rooms wait behind it
                 live.handed = True
@@ -613,7 +441,7 @@ class LanguageEndpoint:
         sent = True
         for a in self._step(live.room.reserved, blocks, tokens, now):
             if isinstance(a, Send):
-                sent = self._send(enc, a.msg) and sent
+                sent = self._links.send(enc, a.msg) and sent
             elif not (isinstance(a, StatusChanged) and not a.new.is_terminal):
                 later.append(a)  # nothing else is expected; the loop handles it
         if later:
@@ -624,7 +452,24 @@ class LanguageEndpoint:
             self._loop.call(self._lost_before_start, live, enc)
         return True
 
-    def _end_start(self, live: _Live) -> None:
+    def _clear_now(self, live: LiveRoom) -> None:
+        """:meth:`Receiver.clear` on the caller's thread."""
+        live.cleared = True
+        self._abort_now(live, "cleared before it finished")
+        if live.room.done and live.pinned is None and not live.room.holds_blocks:
+            # Nothing to free or tell the encoder: forget the id now (so it can
+            # be reused at once) and leave the rest, letting go of the result
+            # included, to the loop's next wake-up (a room aborted by another
+            # thread may still be in the middle of a harvest there).
+            with self._lock:
+                if self._rooms.get(live.room.room) is live:
+                    del self._rooms[live.room.room]
+            self._loop.call_lazy(self._clear_room, live)
+        elif not self._loop.try_run_here(self._clear_room, live):
+            # the loop is busy: it frees the blocks (and tells the encoder)
+            self._loop.call(self._clear_room, live)
+
+    def _end_start(self, live: LiveRoom) -> None:
         """The caller's thread is done with ``live``: hand the loop what it
         deferred meanwhile, in order."""
         with self._lock:
@@ -633,7 +478,7 @@ class LanguageEndpoint:
         for fn in deferred:
             self._loop.call(fn)
 
-    def _lost_before_start(self, live: _Live, enc: _Encoder) -> None:
+    def _lost_before_start(self, live: LiveRoom, enc: EncoderLink) -> None:
         reason = f"control connection to encoder {enc.address} closed"
         self._run(live, self._step(live.room.peer_dead, time.monotonic(), reason))
 
@@ -645,7 +490,7 @@ class LanguageEndpoint:
         with self._step_lock:
             return event(*args)
 
-    def _abort_now(self, live: _Live, reason: str) -> None:
+    def _abort_now(self, live: LiveRoom, reason: str) -> None:
         """:meth:`Receiver.abort` on the caller's thread: the room is
         ``Failed`` when this returns; telling the encoder and releasing
         blocks follow on the loop (or here, if it is asleep)."""
@@ -656,13 +501,13 @@ class LanguageEndpoint:
         if not self._loop.try_run_here(self._after_abort, live, acts):
             self._loop.call(self._after_abort, live, acts)
 
-    def _after_abort(self, live: _Live, actions: list[Action]) -> None:
+    def _after_abort(self, live: LiveRoom, actions: list[Action]) -> None:
         if self._defer(live, functools.partial(self._after_abort, live, actions)):
             return
-        self._dequeue(live)
+        self._reservations.remove(live)
         self._run(live, actions)
 
-    def _defer(self, live: _Live, fn: Callable[[], None]) -> bool:
+    def _defer(self, live: LiveRoom, fn: Callable[[], None]) -> bool:
         """Queue ``fn`` for after a room's fast start; False when it is not
         starting (run ``fn`` now). Loop thread."""
         if not live.starting:
@@ -699,7 +544,10 @@ class LanguageEndpoint:
             "transports": list(self.transports),
             "default_tokens": self.default_tokens,
             "rooms": rooms,
-            "queued_reservations": {"resumes": len(self._resumes), "first": len(self._firsts)},
+            "queued_reservations": {
+                "resumes": len(self._reservations.resumes),
+                "first": len(self._reservations.firsts),
+            },
             "pool": pool_status(self.pool, self.allocator),
             "peers": [
                 {
@@ -708,10 +556,10 @@ class LanguageEndpoint:
                     "alive": now - e.last_seen <= limit,
                     "last_seen_s": round(now - e.last_seen, 3),
                 }
-                for address, e in self._encoders.items()
+                for address, e in self._links.by_address.items()
             ],
             "routes": self._resolver.cached_routes(),
-            "rooms_waiting_for_route": len(self._unrouted),
+            "rooms_waiting_for_route": len(self._routes),
             "counters": {
                 "dropped_messages": self.dropped_messages,
                 "ignored_inputs": self.ignored_inputs,
@@ -730,63 +578,18 @@ class LanguageEndpoint:
     def room_count(self) -> int:
         return len(self._rooms)
 
+    @property
+    def _encoders(self) -> dict[str, EncoderLink]:
+        """The control links by encoder address (diagnostics read it)."""
+        return self._links.by_address
+
     # -- loop thread
-
-    def _encoder(self, address: str) -> _Encoder:
-        enc = self._encoders.get(address)
-        if enc is not None:
-            return enc
-        assert self._ctx is not None
-        lane = _lane.connect(address) if self.local_control else None
-        if lane is not None:
-            enc = _Encoder(address, None, lane)
-            self._loop.add_lane(
-                lane,
-                functools.partial(self._on_payload, enc),
-                functools.partial(self._lane_closed, enc),
-            )
-        else:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, 2 << 20)
-            sock.connect(f"tcp://{address}")
-            enc = _Encoder(address, sock)
-            self._by_sock[sock] = enc
-            self._loop.add_socket(sock, self._on_readable)
-        # Register first, then publish: a caller's thread that finds the
-        # encoder in the table may send a request on the lane at once
-        # (_start_here), and it must arrive after the registration.
-        self._send(enc, self._register(enc))
-        self._encoders[address] = enc
-        return enc
-
-    def _send(self, enc: _Encoder, msg: Message) -> bool:
-        """Send ``msg`` to ``enc``; False when it was dropped. Any thread for a
-        lane (``_start_here``); over ZeroMQ only the loop thread touches the
-        socket, so others queue the send for it (loop work run on another
-        thread, ``Loop.try_run_here``/``serve_here``)."""
-        if enc.lane is None and not self._loop.on_loop_thread():
-            self._loop.call(self._send, enc, msg)
-            return True
-        ok = enc.send(self._auth.seal(encode(msg)))
-        if not ok:
-            # counters have one writer: whoever runs the loop's work
-            if self._loop.holds_state() or self._loop.on_loop_thread():
-                self._unsent(type(msg).__name__, enc.address)
-            else:
-                self._loop.call_lazy(self._unsent, type(msg).__name__, enc.address)
-        if enc.lane is not None and enc.lane.wants_write:
-            if self._loop.holds_state():
-                self._loop.watch_writable(enc.lane.fileno(), True)
-            else:
-                self._loop.call(self._watch_lane, enc)
-        return ok
 
     def _unsent(self, kind: str, address: str) -> None:
         self.dropped_messages += 1
         log.info("language: could not send %s to %s", kind, address)
 
-    def _serve_until_done(self, live: _Live, timeout: float | None) -> None:
+    def _serve_until_done(self, live: LiveRoom, timeout: float | None) -> None:
         """Wait for ``live`` to end by serving its encoder's lane on this thread
         (``Loop.serve_here``): the answer then wakes this thread directly
         instead of the loop, which would then wake this thread. Returns at
@@ -813,20 +616,16 @@ class LanguageEndpoint:
                 live.waker = live.waker_thread = None
             os.close(waker)
 
-    def _watch_lane(self, enc: _Encoder) -> None:
-        if enc.lane is not None and not enc.lane.closed:
-            self._loop.watch_writable(enc.lane.fileno(), enc.lane.wants_write)
-
-    def _lane_closed(self, enc: _Encoder, why: str) -> None:
+    def _lane_closed(self, enc: EncoderLink, why: str) -> None:
         # The encoder's endpoint closed or its process died: nothing more can
         # come from it, so its rooms fail now rather than after the missed
         # heartbeats.
-        if self._encoders.get(enc.address) is enc:
+        if self._links.get(enc.address) is enc:
             self._encoder_dead(
                 enc, f"control connection to encoder {enc.address}: {why}", closed=True
             )
 
-    def _register(self, enc: _Encoder) -> Register:
+    def _register(self, enc: EncoderLink) -> Register:
         names = [*self.schema.names, AUX_FIELD]
         return Register(
             session=self.session,
@@ -839,13 +638,13 @@ class LanguageEndpoint:
             transports=[s.offer_for(enc.token) for s in self._servers],
         )
 
-    def _unhand(self, live: _Live) -> None:
+    def _unhand(self, live: LiveRoom) -> None:
         with self._lock:
             if live.handed:
                 live.handed = False
                 self._handed -= 1
 
-    def _start_in_order(self, live: _Live, address: str, bootstrap: str) -> None:
+    def _start_in_order(self, live: LiveRoom, address: str, bootstrap: str) -> None:
         """Start a room whose route was cached when ``receiver()`` was called,
         after the rooms created before it that still wait for a route the
         resolver now knows (the cache may fill just before ``_route_rooms``
@@ -855,103 +654,32 @@ class LanguageEndpoint:
         room served first can hold the language pool while the encoder's pool
         is full of earlier rooms waiting for it, and neither side moves until
         a deadline passes."""
-        if self._unrouted:
-            self._route_rooms(bootstrap)
+        if self._routes:
+            self._routes.route(bootstrap)
         self._start_room(live, address)
 
-    def _start_room(self, live: _Live, address: str, required: int | None = None) -> None:
+    def _start_room(self, live: LiveRoom, address: str, required: int | None = None) -> None:
         self._unhand(live)
         if live.room.done:
             # aborted before it started: the encoder may hold the embedding
-            self._tell_aborted(live, self._encoder(address))
+            self._tell_aborted(live, self._links.connect(address))
             return
-        live.encoder = self._encoder(address)
+        live.encoder = self._links.connect(address)
         self._run(live, self._step(live.room.start, time.monotonic(), required))
 
-    def _await_route(self, live: _Live) -> None:
-        """A room whose encoder address was not cached: start it as soon as
-        the resolver has it (:meth:`_routes_changed`, or a later tick). One
-        aborted meanwhile still waits, until its deadline, so that the
-        encoder can be told (it may hold the embedding for it)."""
-        if live.route is None:
-            self._unhand(live)
-            return
-        self._unrouted[id(live)] = live
-        if len(self._unrouted) == 1:
-            self._try_route(live)
-        elif self._resolver.get(live.route[0], live.room.room, live.route[1]) is not None:
-            # its route just became known: the rooms before it start first
-            self._route_rooms(live.route[0])
-
-    def _try_route(self, live: _Live, found: tuple[str, int] | None = None) -> bool:
-        """Start ``live`` if its route is known (``found``: already looked up)."""
-        assert live.route is not None
-        if found is None:
-            bootstrap, dp_group = live.route
-            found = self._resolver.get(bootstrap, live.room.room, dp_group)
-        if found is None:
-            return False
-        del self._unrouted[id(live)]
-        live.route = None
-        if live.room.done:
-            # aborted before its encoder was known: tell it now
-            self._unhand(live)
-            self._tell_aborted(live, self._encoder(found[0]))
-        else:
-            self._start_room(live, *found)
-        return True
-
-    def _tell_aborted(self, live: _Live, enc: _Encoder) -> None:
+    def _tell_aborted(self, live: LiveRoom, enc: EncoderLink) -> None:
         """Tell ``enc`` about a room aborted before it was started (its own
         Abort action went nowhere: the room had no encoder yet), so it does
         not keep the embedding for a receiver that is gone."""
         room = live.room
         reason = room.failure_reason or "aborted by receiver"
-        self._send(
+        self._links.send(
             enc, Abort(session=self.session, room=room.room, epoch=room.epoch, reason=reason)
         )
 
     def _routes_changed(self, bootstrap: str) -> None:
         # the resolver's thread: hand it to the loop
-        self._loop.call(self._route_rooms, bootstrap)
-
-    def _route_rooms(self, bootstrap: str | None, now: float | None = None) -> None:
-        """Start the rooms waiting for a route from ``bootstrap`` (None: any)
-        that the resolver now knows; with ``now``, fail those whose deadline
-        has passed, naming the bootstrap server and its last answer. In the
-        order the rooms were asked for, each bootstrap server's routes read
-        from one view of the resolver's cache (``get_many``)."""
-        order: list[tuple[_Live, str, int | None]] = []
-        for live in list(self._unrouted.values()):
-            if live.route is None:
-                self._unrouted.pop(id(live), None)
-                self._unhand(live)
-            elif bootstrap is None or live.route[0] == bootstrap:
-                order.append((live, *live.route))
-        found: dict[int, tuple[str, int] | None] = {}
-        for boot in dict.fromkeys(b for _, b, _ in order):
-            mine = [(live, group) for live, b, group in order if b == boot]
-            routes = self._resolver.get_many(boot, [(x.room.room, g) for x, g in mine])
-            found.update(zip((id(x) for x, _ in mine), routes, strict=True))
-        for live, boot, _ in order:
-            if self._unrouted.get(id(live)) is not live:
-                continue  # routed or ended by what the rooms before it did
-            hit = found[id(live)]
-            if hit is not None:
-                self._try_route(live, hit)
-                continue
-            if now is None or now < live.room.deadline:
-                continue
-            del self._unrouted[id(live)]
-            self._unhand(live)
-            if live.room.done:
-                continue  # aborted, and its encoder never found: nobody to tell
-            why = self._resolver.last_error(boot) or "no answer yet"
-            self._abort_room(
-                live,
-                f"no route to the encoder of room {live.room.room} from bootstrap server "
-                f"{boot} within {self.bootstrap_timeout or self.room_timeout:g}s: {why}",
-            )
+        self._loop.call(self._routes.route, bootstrap)
 
     def _end_rooms(self, reason: str) -> None:
         for live in list(self._rooms.values()):
@@ -960,11 +688,11 @@ class LanguageEndpoint:
                 if not self._defer(live, fail):
                     fail()
 
-    def _abort_room(self, live: _Live, reason: str) -> None:
-        self._dequeue(live)
+    def _abort_room(self, live: LiveRoom, reason: str) -> None:
+        self._reservations.remove(live)
         self._run(live, self._step(live.room.abort, time.monotonic(), reason))
 
-    def _clear_room(self, live: _Live) -> None:
+    def _clear_room(self, live: LiveRoom) -> None:
         if not live.room.done:
             self._abort_room(live, "cleared before it finished")
         self._ended.pop(id(live), None)
@@ -988,23 +716,7 @@ class LanguageEndpoint:
             # it acknowledges (any status for this epoch) or is declared dead.
             self._zombies[(live.room.room, live.room.epoch)] = live
 
-    def _dequeue(self, live: _Live) -> None:
-        if live.queued:
-            self._resumes = collections.deque(x for x in self._resumes if x[0] is not live)
-            self._firsts = collections.deque(x for x in self._firsts if x[0] is not live)
-            live.queued = False
-
-    def _on_readable(self, sock: zmq.Socket[bytes]) -> None:
-        enc = self._by_sock.get(sock)
-        for _ in range(256):
-            try:
-                payload = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if enc is not None:
-                self._on_payload(enc, payload)
-
-    def _on_payload(self, enc: _Encoder, payload: bytes) -> None:
+    def _on_payload(self, enc: EncoderLink, payload: bytes) -> None:
         """One control message from encoder ``enc`` (over ZeroMQ or a lane)."""
         opened = self._auth.open(payload)
         if opened is None:
@@ -1025,11 +737,11 @@ class LanguageEndpoint:
         enc.last_seen = now
         if isinstance(msg, Heartbeat):
             if msg.reply:
-                self._send(enc, Heartbeat(session=self.session, seq=msg.seq, reply=False))
+                self._links.send(enc, Heartbeat(session=self.session, seq=msg.seq, reply=False))
             elif not msg.registered:
                 # The encoder forgot us (it restarted, or declared us dead
                 # while we were stalled): introduce ourselves again.
-                self._send(enc, self._register(enc))
+                self._links.send(enc, self._register(enc))
             return
         if not isinstance(msg, StatusUpdate | Abort):
             self.dropped_messages += 1
@@ -1058,16 +770,16 @@ class LanguageEndpoint:
         if not live.room.holds_blocks:
             self._zombies.pop((live.room.room, live.room.epoch), None)
 
-    def _run(self, live: _Live, actions: list[Action]) -> None:
+    def _run(self, live: LiveRoom, actions: list[Action]) -> None:
         freed = False
         for a in actions:
             if isinstance(a, Send):
                 if live.encoder is not None:
-                    self._send(live.encoder, a.msg)
+                    self._links.send(live.encoder, a.msg)
             elif isinstance(a, Reserve):
                 self._reserve(live, a.tokens)
             elif isinstance(a, Harvest):
-                self._harvest(live, a)
+                self._assembler.harvest(live, a)
             elif isinstance(a, FreeBlocks):
                 blocks = a.blocks
                 if live.pinned is not None:
@@ -1096,7 +808,7 @@ class LanguageEndpoint:
                     now = time.monotonic()
                     self.metrics.ended(a.new.name, now - live.created)
                     self._ended[id(live)] = (now, live)
-                    self._dequeue(live)
+                    self._reservations.remove(live)
                     if a.new is Status.Failed:
                         log.info("language: room %d failed: %s", live.room.room, a.reason)
             elif isinstance(a, Drop):
@@ -1107,7 +819,7 @@ class LanguageEndpoint:
         if freed:
             self._retry_reservations()
 
-    def _reserve(self, live: _Live, tokens: int) -> None:
+    def _reserve(self, live: LiveRoom, tokens: int) -> None:
         if live.extension is not None:
             # the rest goes straight after the first chunk, in the assembly run
             blocks, live.extension = live.extension, None
@@ -1115,144 +827,29 @@ class LanguageEndpoint:
             n = min(tokens, len(blocks) * self.block_size)
             self._run(live, self._step(live.room.reserved, blocks, n, now))
             return
-        resume = live.room.sent_tokens > 0
-        q = self._resumes if resume else self._firsts
         # first come, first served within each class: wait behind earlier rooms
-        if q or (not resume and self._resumes) or not self._try_reserve(live, tokens):
-            live.queued = True
-            q.append((live, tokens))
+        resume = live.room.sent_tokens > 0
+        self._reservations.request(live, tokens, resume=resume, grant=self._grant)
 
-    def _try_reserve(self, live: _Live, tokens: int) -> bool:
-        blocks = self._take_blocks(live, tokens)
-        if blocks is None:
-            return False
+    def _grant(self, live: LiveRoom, blocks: list[int], tokens: int) -> None:
+        """``blocks`` from the reservation queue for a room that asked for ``tokens``."""
         n = min(tokens, len(blocks) * self.block_size)
         self._run(live, self._step(live.room.reserved, blocks, n, time.monotonic()))
-        return True
-
-    def _take_blocks(
-        self, live: _Live, tokens: int, first_in_line: bool = False
-    ) -> list[int] | None:
-        """Blocks for ``tokens`` of ``live`` (fewer when the pool is short), or
-        None. A first reservation leaves ``resume_headroom`` blocks. Under the
-        endpoint lock, so the caller's fast start and the loop cannot both take
-        the headroom; ``first_in_line``: only if no room queues for blocks."""
-        bs = self.block_size
-        want = -(-tokens // bs)
-        first = live.room.sent_tokens == 0
-        # A zero-copy room's first reservation asks for as many free blocks
-        # after it as it takes: should the room resume, the rest can follow it
-        # in place instead of the first chunk being moved (_assemble_in_pool).
-        with self._lock:
-            if first_in_line and (self._firsts or self._resumes or self._handed):
-                return None
-            if first:
-                want = min(want, self.allocator.num_free - self.resume_headroom)
-                if want <= 0:
-                    return None
-            return self.allocator.alloc_up_to(want, want if self.zero_copy and first else 0)
 
     def _retry_reservations(self) -> None:
-        for q in (self._resumes, self._firsts):
-            while q:
-                live, tokens = q[0]
-                if live.room.done:
-                    q.popleft()
-                    live.queued = False
-                    continue
-                q.popleft()
-                live.queued = False
-                if not self._try_reserve(live, tokens):
-                    q.appendleft((live, tokens))
-                    live.queued = True
-                    return
-
-    def _harvest(self, live: _Live, h: Harvest) -> None:
-        self.metrics.moved("all", "received", h.count * self._token_bytes)
-        if live.area_start is not None:
-            # a resumed zero-copy room: this chunk landed in its assembly run
-            if h.start_token + h.count == h.total_tokens:
-                live.result = {
-                    f.name: self.pool.view(f.name, live.area_start, h.total_tokens)
-                    for f in self.schema.fields
-                }
-            return
-        if (
-            self.zero_copy
-            and h.first
-            and h.count < h.total_tokens
-            and len(h.runs) == 1
-            and h.blocks
-            and self._assemble_in_pool(live, h)
-        ):
-            return
-        if (
-            self.zero_copy
-            and h.first
-            and h.count == h.total_tokens
-            and len(h.runs) == 1
-            and h.blocks
-        ):
-            # The whole embedding arrived in one contiguous chunk: hand out views.
-            start, count = h.runs[0]
-            live.result = {f.name: self.pool.view(f.name, start, count) for f in self.schema.fields}
-            live.pinned = h.blocks
-            live.aux = self.pool.read_aux(h.aux_block)
-            return
-        if not live.result:
-            for f in self.schema.fields:
-                live.result[f.name] = self.pool.empty(f.name, h.total_tokens)
-        for f in self.schema.fields:
-            self.pool.gather(h.runs, f.name, live.result[f.name], h.start_token)
-        self.pool.synchronize()
-        if h.first:
-            live.aux = self.pool.read_aux(h.aux_block)
-
-    def _assemble_in_pool(self, live: _Live, h: Harvest) -> bool:
-        """Arrange for a zero-copy room that must resume to end up contiguous in
-        the pool, so its result is a view like a single-chunk room's: grow the
-        first chunk's blocks in place when the blocks after them are free, else
-        move the chunk to the start of a free run long enough for the whole
-        embedding (one copy inside the pool, no fresh memory). The rest is then
-        reserved right after it (:attr:`_Live.extension`). False when neither
-        fits, or the chunk does not end on a block boundary (the rest must start
-        where it ends): the result is then assembled in fresh memory."""
-        bs = self.block_size
-        start, count = h.runs[0]
-        k = count // bs
-        if count % bs or len(h.blocks) != k or start != h.blocks[0] * bs:
-            return False
-        need = -(-h.total_tokens // bs)
-        grown = self.allocator.alloc_at(h.blocks[0] + k, need - k)
-        live.aux = self.pool.read_aux(h.aux_block)
-        if grown is not None:
-            live.pinned = (*h.blocks, *grown)
-            live.area_start = start
-            live.extension = grown
-            return True
-        run = self.allocator.alloc_contiguous(need)
-        if run is None:
-            return False
-        dst = run[0] * bs
-        for f in self.schema.fields:
-            self.pool.view(f.name, dst, count)[...] = self.pool.view(f.name, start, count)
-        self.pool.synchronize()
-        live.pinned = tuple(run)
-        live.area_start = dst
-        live.extension = run[k:]
-        return True
+        self._reservations.retry(self._grant, lambda live: live.room.done)
 
     def _tick(self, now: float) -> None:
-        if self._unrouted:
+        if self._routes:
             # before the rooms' own deadlines: their reason names the bootstrap server
-            self._route_rooms(None, now)
+            self._routes.route(None, now)
         for live in list(self._rooms.values()):
             if not live.room.done and not live.starting:  # a starting room waits a tick
                 self._run(live, self._step(live.room.tick, now))
         self._noise.flush(now)
         self._stale.flush(now)
-        if self._fencing:
-            self._settle_fences(now)
+        if self._fences:
+            self._fences.settle(now)
         self._check_liveness(now)
         self._ask_again(now)
         expired = []
@@ -1278,13 +875,13 @@ class LanguageEndpoint:
             if not (room.done and room.holds_blocks) or live.starting or enc is None:
                 live.ask_again_at = None
                 continue
-            if self._encoders.get(enc.address) is not enc:
+            if self._links.get(enc.address) is not enc:
                 continue  # declared dead: its fence gives the blocks back
             if live.ask_again_at is None:
                 live.ask_again_at = now + self.heartbeat_interval
             elif now >= live.ask_again_at:
                 live.ask_again_at = now + self.heartbeat_interval
-                self._send(
+                self._links.send(
                     enc,
                     Abort(
                         session=self.session,
@@ -1301,7 +898,7 @@ class LanguageEndpoint:
         that depends on it fails, its blocks come back (nothing more can land),
         and the next room for that address connects afresh."""
         limit = self.heartbeat_interval * self.heartbeat_misses
-        for address, enc in list(self._encoders.items()):
+        for address, enc in list(self._links.by_address.items()):
             if now - enc.last_seen > limit:
                 self._encoder_dead(
                     enc, f"no answer from encoder {address} for {now - enc.last_seen:.1f}s"
@@ -1313,9 +910,9 @@ class LanguageEndpoint:
                     self.metrics.heartbeat_misses.labels("language").inc()
                 enc.last_ping = now
                 enc.seq += 1
-                self._send(enc, Heartbeat(session=self.session, seq=enc.seq, reply=True))
+                self._links.send(enc, Heartbeat(session=self.session, seq=enc.seq, reply=True))
 
-    def _encoder_dead(self, enc: _Encoder, reason: str, *, closed: bool = False) -> None:
+    def _encoder_dead(self, enc: EncoderLink, reason: str, *, closed: bool = False) -> None:
         """Every room that depends on ``enc`` fails, its blocks come back
         (nothing more can land), and the next room for that address connects
         afresh."""
@@ -1327,15 +924,9 @@ class LanguageEndpoint:
         log.log(logging.WARNING if busy else logging.INFO, "language: %s", reason)
         self.dead_encoders += 1
         self.metrics.dead_peers.labels("language").inc()
-        del self._encoders[enc.address]
+        self._links.drop(enc)
         # it may come back elsewhere (restarted on another port): look it up afresh
         self._resolver.forget(enc.address)
-        if enc.sock is not None:
-            self._by_sock.pop(enc.sock, None)
-            self._loop.remove_socket(enc.sock)
-        if enc.lane is not None:
-            self._loop.remove_fd(enc.lane.fileno())
-        enc.close()
         affected = [
             live
             for live in [*self._rooms.values(), *self._zombies.values()]
@@ -1345,61 +936,30 @@ class LanguageEndpoint:
         # must not go to another room of the same dead encoder.
         for live in affected:
             if live.encoder is enc:
-                self._dequeue(live)
+                self._reservations.remove(live)
         # The encoder may be alive behind a broken link, with writes held up in
         # the network: the blocks it was offered come back only once every
         # data plane has fenced its link (or, where one cannot, after a grace).
-        fence = _Fence(enc, time.monotonic() + self.stale_write_grace)
-        self._fencing.append(fence)
+        fence = self._fences.raise_for(enc)
         for live in affected:
             # a room starting on the caller's thread may be about to use enc
             fail = functools.partial(self._fail_lost, live, enc, reason, fence)
             if not self._defer(live, fail):
                 fail()
         self._zombies = {k: v for k, v in self._zombies.items() if v.encoder is not enc}
-        for server in self._servers:
-            fence.waiting += 1
-            done = functools.partial(self._loop.call, self._fence_done, fence)
-            if not server.fence(enc.token, done, gone=closed):
-                fence.waiting -= 1
-                fence.graced = True
-        self._settle_fences(time.monotonic())
+        done = functools.partial(self._loop.call, self._fences.one_done)
+        self._fences.ask(fence, self._servers, done, gone=closed)
+        self._fences.settle(time.monotonic())
 
-    def _fail_lost(self, live: _Live, enc: _Encoder, reason: str, fence: _Fence) -> None:
+    def _fail_lost(self, live: LiveRoom, enc: EncoderLink, reason: str, fence: Fence) -> None:
         if live.encoder is enc and (not live.room.done or live.room.holds_blocks):
-            self._dequeue(live)
+            self._reservations.remove(live)
             self._run(live, self._step(live.room.peer_lost, time.monotonic(), reason))
             if live.room.holds_blocks:
-                if fence.settled:
-                    self._settled(live)
-                else:
-                    fence.rooms.append(live)
+                self._fences.hold(fence, live)
 
-    def _settled(self, live: _Live) -> None:
+    def _settled(self, live: LiveRoom) -> None:
         self._run(live, self._step(live.room.settled))
         key = (live.room.room, live.room.epoch)
         if self._zombies.get(key) is live:  # cleared meanwhile
             del self._zombies[key]
-
-    def _fence_done(self, fence: _Fence) -> None:
-        fence.waiting -= 1
-        self._settle_fences(time.monotonic())
-
-    def _settle_fences(self, now: float) -> None:
-        """Give back the blocks of dead encoders whose links are fenced, or
-        whose grace has passed. Loop thread."""
-        for fence in list(self._fencing):
-            if fence.waiting > 0 or (fence.graced and now < fence.release_at):
-                continue
-            if fence.graced and fence.rooms:
-                log.info(
-                    "language: the blocks encoder %s was offered come back after %.0fs "
-                    "(its transport cannot fence late writes)",
-                    fence.encoder.address,
-                    self.stale_write_grace,
-                )
-            self._fencing.remove(fence)
-            fence.settled = True
-            for live in fence.rooms:
-                self._settled(live)
-            fence.rooms = []
