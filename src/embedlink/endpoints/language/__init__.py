@@ -23,13 +23,23 @@ room's route was cached, looked up meanwhile, or started from the caller's
 thread. An encoder that fills its pool in another order than its receivers
 ask can still wait on a language pool held by rooms it cannot produce yet;
 its ``send()`` then fails that room at its deadline, and the pools move on.
+
+This module is the facade: construction, lifecycle, the public API and the
+wiring of the parts, each a module that owns one concern:
+
+- ``receiver``: the per-room record (:class:`LiveRoom`) and the user's handle.
+- ``reservations``: the reservation queue (resumes first, headroom).
+- ``assembly``: chunks into results, zero-copy views and in-pool assembly.
+- ``routing``: rooms waiting for their encoder's address.
+- ``links``: control links to encoders, and the fences of dead ones.
+- ``fastpath``: starting and waiting from the caller's thread.
+- ``events``: the loop thread's handling of room events (the interpreter).
+- ``liveness``: the tick, heartbeats, repeated aborts, dead encoders.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import secrets
 import threading
 import time
@@ -46,29 +56,18 @@ from ...observability.metrics import EndpointMetrics, MetricsExporter, rooms_by_
 from ...observability.noise import NoiseLog
 from ...protocol import (
     AUX_FIELD,
-    Abort,
-    Action,
     BufferSchema,
-    Drop,
     FieldDesc,
-    FreeBlocks,
-    Harvest,
-    Heartbeat,
     ReceiverRoom,
     RegionDesc,
     Register,
-    RemoteProtocolError,
-    Reserve,
     RoomId,
-    Send,
-    Status,
-    StatusChanged,
-    StatusUpdate,
-    decode,
 )
 from ...transports import TransportServer, get_backend
 from .assembly import Assembler
-from .links import EncoderLink, Fence, Fences, Links
+from .fastpath import FastPath
+from .links import EncoderLink, Fences, Links
+from .liveness import Liveness
 from .receiver import LiveRoom, Receiver
 from .reservations import ReservationQueue
 from .routing import RouteWaiters
@@ -78,7 +77,7 @@ log = logging.getLogger(__name__)
 __all__ = ["LanguageEndpoint", "Receiver", "route_for"]
 
 
-class LanguageEndpoint:
+class LanguageEndpoint(Liveness):
     """The receiving side of embedlink for one language (prefill) rank.
 
     ``zero_copy=True`` returns results as views into the pool (valid until
@@ -149,7 +148,8 @@ class LanguageEndpoint:
         self.room_timeout = room_timeout
         self.bootstrap_timeout = bootstrap_timeout
         self.transport_options = {k: dict(v) for k, v in (transport_options or {}).items()}
-        #: return single-chunk results as views into the pool (valid until clear())
+        #: return results as views into the pool (valid until clear()) where they
+        #: lie in one contiguous run, resumed rooms included (assembly.py)
         self.zero_copy = zero_copy
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
@@ -207,12 +207,6 @@ class LanguageEndpoint:
         # dead encoders whose writes may still land: their rooms keep the
         # blocks they offered until every data plane fenced the link
         self._fences = Fences(stale_write_grace, self._settled, log.info)
-        # Rooms handed to the loop to start that have not reached their first
-        # reservation yet (waiting for a route, or for the loop to run): while
-        # any has, a later room must not take blocks from the caller's thread
-        # (``_start_here``). First reservations are granted in the order
-        # ``receiver()`` was called; see _start_room. Under ``_lock``.
-        self._handed = 0
         self._lock = threading.Lock()
         # rooms waiting for blocks: resumes first, then first reservations
         self._reservations: ReservationQueue[LiveRoom] = ReservationQueue(
@@ -221,7 +215,7 @@ class LanguageEndpoint:
             self.resume_headroom,
             lock=self._lock,
             zero_copy=zero_copy,
-            handed=lambda: self._handed,
+            handed=lambda: self._fast.handed,
         )
         self._assembler = Assembler(
             schema, self.pool, self.allocator, block_size, self.metrics, zero_copy=zero_copy
@@ -231,7 +225,7 @@ class LanguageEndpoint:
             self._resolver,
             start=self._start_room,
             tell=lambda live, address: self._tell_aborted(live, self._links.connect(address)),
-            unhand=self._unhand,
+            unhand=lambda live: self._fast.unhand(live),
             fail=self._abort_room,
             timeout=bootstrap_timeout or room_timeout,
         )
@@ -250,6 +244,17 @@ class LanguageEndpoint:
             on_payload=lambda enc, payload: self._on_payload(enc, payload),
             on_lane_closed=lambda enc, why: self._lane_closed(enc, why),
             on_unsent=self._unsent,
+        )
+        self._fast = FastPath(
+            self._loop,
+            self._lock,
+            self._reservations,
+            block_size,
+            step=self._step,
+            send=self._links.send,
+            run=self._run,
+            tell_aborted=self._tell_aborted,
+            lost=self._lost_before_start,
         )
         # dropped input: hostile or broken (WARNING), or merely late (DEBUG),
         # each counted exactly and logged at most once per peer per interval
@@ -393,130 +398,15 @@ class LanguageEndpoint:
                 )
             self._rooms[room] = live
             enc = None if encoder is None else self._links.get(encoder)
-            if (
-                enc is not None
-                and enc.lane is not None
-                and not enc.lane.closed
-                and not self._handed
-            ):
-                live.starting = True
-            else:
-                live.handed = True
-                self._handed += 1
+            self._fast.choose(live, enc)
         if encoder is None:
             self._loop.call(self._routes.add, live)
-        elif not (live.starting and self._start_here(live, enc)):
+        elif not (live.starting and self._fast.start_here(live, enc)):
             if bootstrap is None:
                 self._loop.call(self._start_room, live, encoder)
             else:
                 self._loop.call(self._start_in_order, live, encoder, bootstrap)
         return Receiver(self, live)
-
-    def _start_here(self, live: LiveRoom, enc: EncoderLink | None) -> bool:
-        """Reserve the first blocks and send the request from the caller's
-        thread, over a same-host lane: the loop thread is not woken for it,
-        which saves a wake-up on every room's path (docs/performance.md).
-        False, with nothing done, when the loop must do it (the pool is short
-        or other rooms queue for blocks). The loop defers what it would do to
-        the room meanwhile (``LiveRoom.starting``) and does it afterwards."""
-        assert enc is not None
-        now = time.monotonic()
-        acts = self._step(live.room.start, now)
-        if not acts:  # aborted meanwhile by another thread: tell the encoder instead
-            self._tell_aborted(live, enc)
-            self._end_start(live)
-            return True
-        (reserve,) = acts
-        assert isinstance(reserve, Reserve)
-        blocks = self._reservations.take(reserve.tokens, first=True, first_in_line=True)
-        if blocks is None:
-            with self._lock:  # the loop starts it: later rooms wait behind it
-                live.handed = True
-                self._handed += 1
-            self._end_start(live)
-            return False
-        live.encoder = enc
-        tokens = min(reserve.tokens, len(blocks) * self.block_size)
-        later: list[Action] = []
-        sent = True
-        for a in self._step(live.room.reserved, blocks, tokens, now):
-            if isinstance(a, Send):
-                sent = self._links.send(enc, a.msg) and sent
-            elif not (isinstance(a, StatusChanged) and not a.new.is_terminal):
-                later.append(a)  # nothing else is expected; the loop handles it
-        if later:
-            self._loop.call(self._run, live, later)
-        self._end_start(live)
-        if not sent:
-            # the lane closed under us: its encoder is being declared dead
-            self._loop.call(self._lost_before_start, live, enc)
-        return True
-
-    def _clear_now(self, live: LiveRoom) -> None:
-        """:meth:`Receiver.clear` on the caller's thread."""
-        live.cleared = True
-        self._abort_now(live, "cleared before it finished")
-        if live.room.done and live.pinned is None and not live.room.holds_blocks:
-            # Nothing to free or tell the encoder: forget the id now (so it can
-            # be reused at once) and leave the rest, letting go of the result
-            # included, to the loop's next wake-up (a room aborted by another
-            # thread may still be in the middle of a harvest there).
-            with self._lock:
-                if self._rooms.get(live.room.room) is live:
-                    del self._rooms[live.room.room]
-            self._loop.call_lazy(self._clear_room, live)
-        elif not self._loop.try_run_here(self._clear_room, live):
-            # the loop is busy: it frees the blocks (and tells the encoder)
-            self._loop.call(self._clear_room, live)
-
-    def _end_start(self, live: LiveRoom) -> None:
-        """The caller's thread is done with ``live``: hand the loop what it
-        deferred meanwhile, in order."""
-        with self._lock:
-            live.starting = False
-            deferred, live.deferred = live.deferred, []
-        for fn in deferred:
-            self._loop.call(fn)
-
-    def _lost_before_start(self, live: LiveRoom, enc: EncoderLink) -> None:
-        reason = f"control connection to encoder {enc.address} closed"
-        self._run(live, self._step(live.room.peer_dead, time.monotonic(), reason))
-
-    def _step(self, event: Callable[..., list[Action]], *args: Any) -> list[Action]:
-        """Feed one event to a room's state machine (``event`` is one of its
-        methods) and return the actions. Under the step lock: the loop and a
-        user's thread in :meth:`Receiver.abort` may step the same room at once.
-        The actions are carried out afterwards, outside the lock."""
-        with self._step_lock:
-            return event(*args)
-
-    def _abort_now(self, live: LiveRoom, reason: str) -> None:
-        """:meth:`Receiver.abort` on the caller's thread: the room is
-        ``Failed`` when this returns; telling the encoder and releasing
-        blocks follow on the loop (or here, if it is asleep)."""
-        acts = self._step(live.room.abort, time.monotonic(), reason)
-        if not acts:
-            return  # it had ended already
-        live.done.set()  # wait() returns at once, before the loop has run
-        if not self._loop.try_run_here(self._after_abort, live, acts):
-            self._loop.call(self._after_abort, live, acts)
-
-    def _after_abort(self, live: LiveRoom, actions: list[Action]) -> None:
-        if self._defer(live, functools.partial(self._after_abort, live, actions)):
-            return
-        self._reservations.remove(live)
-        self._run(live, actions)
-
-    def _defer(self, live: LiveRoom, fn: Callable[[], None]) -> bool:
-        """Queue ``fn`` for after a room's fast start; False when it is not
-        starting (run ``fn`` now). Loop thread."""
-        if not live.starting:
-            return False
-        with self._lock:
-            if live.starting:
-                live.deferred.append(fn)
-                return True
-        return False
 
     @property
     def metrics_address(self) -> str | None:
@@ -578,6 +468,9 @@ class LanguageEndpoint:
     def room_count(self) -> int:
         return len(self._rooms)
 
+    def _serve_until_done(self, live: LiveRoom, timeout: float | None) -> None:
+        self._fast.serve_until_done(live, timeout)
+
     @property
     def _encoders(self) -> dict[str, EncoderLink]:
         """The control links by encoder address (diagnostics read it)."""
@@ -588,42 +481,6 @@ class LanguageEndpoint:
     def _unsent(self, kind: str, address: str) -> None:
         self.dropped_messages += 1
         log.info("language: could not send %s to %s", kind, address)
-
-    def _serve_until_done(self, live: LiveRoom, timeout: float | None) -> None:
-        """Wait for ``live`` to end by serving its encoder's lane on this thread
-        (``Loop.serve_here``): the answer then wakes this thread directly
-        instead of the loop, which would then wake this thread. Returns at
-        once, having done nothing, where that cannot be done (no lane, another
-        thread already serves it, no eventfd): the caller then waits for the
-        room's event as before."""
-        enc = live.encoder
-        if enc is None or enc.lane is None or enc.lane.closed or not hasattr(os, "eventfd"):
-            return
-        if timeout is not None and timeout <= 0:
-            return  # a look, not a wait: not worth taking the lane over
-        if self._loop.holds_state() or self._loop.on_loop_thread():
-            return
-        with self._loop.state:
-            if live.waker is not None or live.done.is_set():
-                return
-            live.waker = waker = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            live.waker_thread = threading.get_ident()
-        try:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            self._loop.serve_here(enc.lane.fileno(), live.done.is_set, deadline, waker)
-        finally:
-            with self._loop.state:  # nobody writes it once it is None
-                live.waker = live.waker_thread = None
-            os.close(waker)
-
-    def _lane_closed(self, enc: EncoderLink, why: str) -> None:
-        # The encoder's endpoint closed or its process died: nothing more can
-        # come from it, so its rooms fail now rather than after the missed
-        # heartbeats.
-        if self._links.get(enc.address) is enc:
-            self._encoder_dead(
-                enc, f"control connection to encoder {enc.address}: {why}", closed=True
-            )
 
     def _register(self, enc: EncoderLink) -> Register:
         names = [*self.schema.names, AUX_FIELD]
@@ -637,329 +494,3 @@ class LanguageEndpoint:
             regions=[RegionDesc(n, *self.pool.region(n)) for n in names],
             transports=[s.offer_for(enc.token) for s in self._servers],
         )
-
-    def _unhand(self, live: LiveRoom) -> None:
-        with self._lock:
-            if live.handed:
-                live.handed = False
-                self._handed -= 1
-
-    def _start_in_order(self, live: LiveRoom, address: str, bootstrap: str) -> None:
-        """Start a room whose route was cached when ``receiver()`` was called,
-        after the rooms created before it that still wait for a route the
-        resolver now knows (the cache may fill just before ``_route_rooms``
-        runs): first reservations must follow the order of ``receiver()``
-        calls. An encoder copies embeddings into its own pool in the order it
-        produces them and holds each until its receiver reserves; a later
-        room served first can hold the language pool while the encoder's pool
-        is full of earlier rooms waiting for it, and neither side moves until
-        a deadline passes."""
-        if self._routes:
-            self._routes.route(bootstrap)
-        self._start_room(live, address)
-
-    def _start_room(self, live: LiveRoom, address: str, required: int | None = None) -> None:
-        self._unhand(live)
-        if live.room.done:
-            # aborted before it started: the encoder may hold the embedding
-            self._tell_aborted(live, self._links.connect(address))
-            return
-        live.encoder = self._links.connect(address)
-        self._run(live, self._step(live.room.start, time.monotonic(), required))
-
-    def _tell_aborted(self, live: LiveRoom, enc: EncoderLink) -> None:
-        """Tell ``enc`` about a room aborted before it was started (its own
-        Abort action went nowhere: the room had no encoder yet), so it does
-        not keep the embedding for a receiver that is gone."""
-        room = live.room
-        reason = room.failure_reason or "aborted by receiver"
-        self._links.send(
-            enc, Abort(session=self.session, room=room.room, epoch=room.epoch, reason=reason)
-        )
-
-    def _routes_changed(self, bootstrap: str) -> None:
-        # the resolver's thread: hand it to the loop
-        self._loop.call(self._routes.route, bootstrap)
-
-    def _end_rooms(self, reason: str) -> None:
-        for live in list(self._rooms.values()):
-            if not live.room.done:
-                fail = functools.partial(self._abort_room, live, reason)
-                if not self._defer(live, fail):
-                    fail()
-
-    def _abort_room(self, live: LiveRoom, reason: str) -> None:
-        self._reservations.remove(live)
-        self._run(live, self._step(live.room.abort, time.monotonic(), reason))
-
-    def _clear_room(self, live: LiveRoom) -> None:
-        if not live.room.done:
-            self._abort_room(live, "cleared before it finished")
-        self._ended.pop(id(live), None)
-        live.result = {}  # the caller may keep the arrays; we must not
-        if live.pinned is not None:
-            blocks, live.pinned = live.pinned, None
-            live.extension = None
-            if live.room.holds_blocks and live.room.blocks is not None:
-                # the encoder may still write into the outstanding reservation:
-                # those blocks come back with the room's FreeBlocks, later
-                outstanding = set(live.room.blocks)
-                blocks = tuple(b for b in blocks if b not in outstanding)
-            if blocks:
-                self.allocator.free(blocks)
-            self._retry_reservations()
-        with self._lock:
-            if self._rooms.get(live.room.room) is live:
-                del self._rooms[live.room.room]
-        if live.room.holds_blocks:
-            # The encoder may still be writing into these blocks: keep them until
-            # it acknowledges (any status for this epoch) or is declared dead.
-            self._zombies[(live.room.room, live.room.epoch)] = live
-
-    def _on_payload(self, enc: EncoderLink, payload: bytes) -> None:
-        """One control message from encoder ``enc`` (over ZeroMQ or a lane)."""
-        opened = self._auth.open(payload)
-        if opened is None:
-            self.unauthenticated_messages += 1
-            self.metrics.unauthenticated.labels("language").inc()
-            self._noise.note(
-                f"encoder {enc.address}", "unauthenticated", "missing or wrong authentication tag"
-            )
-            return
-        try:
-            msg = decode(opened)
-        except RemoteProtocolError as exc:
-            self.dropped_messages += 1
-            self.metrics.dropped.labels("language").inc()
-            self._noise.note(f"encoder {enc.address}", "malformed", str(exc))
-            return
-        now = time.monotonic()
-        enc.last_seen = now
-        if isinstance(msg, Heartbeat):
-            if msg.reply:
-                self._links.send(enc, Heartbeat(session=self.session, seq=msg.seq, reply=False))
-            elif not msg.registered:
-                # The encoder forgot us (it restarted, or declared us dead
-                # while we were stalled): introduce ourselves again.
-                self._links.send(enc, self._register(enc))
-            return
-        if not isinstance(msg, StatusUpdate | Abort):
-            self.dropped_messages += 1
-            self.metrics.dropped.labels("language").inc()
-            self._noise.note(
-                f"encoder {enc.address}",
-                "unexpected",
-                f"{type(msg).__name__} is not for a language rank",
-            )
-            return
-        live = self._zombies.get((msg.room, msg.epoch))
-        if live is None:
-            live = self._rooms.get(msg.room)
-        if live is None:
-            self.ignored_inputs += 1
-            self.metrics.ignored.labels("language").inc()
-            self._stale.note(f"encoder {enc.address}", "stale", f"unknown room {msg.room}")
-            return
-        if self._defer(live, functools.partial(self._on_payload, enc, payload)):
-            return
-        if isinstance(msg, StatusUpdate):
-            acts = self._step(live.room.status_update, msg, now)
-        else:
-            acts = self._step(live.room.peer_abort, msg, now)
-        self._run(live, acts)
-        if not live.room.holds_blocks:
-            self._zombies.pop((live.room.room, live.room.epoch), None)
-
-    def _run(self, live: LiveRoom, actions: list[Action]) -> None:
-        freed = False
-        for a in actions:
-            if isinstance(a, Send):
-                if live.encoder is not None:
-                    self._links.send(live.encoder, a.msg)
-            elif isinstance(a, Reserve):
-                self._reserve(live, a.tokens)
-            elif isinstance(a, Harvest):
-                self._assembler.harvest(live, a)
-            elif isinstance(a, FreeBlocks):
-                blocks = a.blocks
-                if live.pinned is not None:
-                    # a zero-copy result lives in the pinned blocks until clear()
-                    keep = set(live.pinned)
-                    blocks = tuple(b for b in blocks if b not in keep)
-                if blocks:
-                    self.allocator.free(blocks)
-                    freed = True
-            elif isinstance(a, StatusChanged):
-                if a.new is Status.Transferring:
-                    self.metrics.resumes.labels("language").inc()
-                if a.new.is_terminal:
-                    live.done.set()  # first: the waiting thread takes a while to wake
-                    if live.on_done is not None:
-                        try:
-                            live.on_done(live.room.room)
-                        except Exception:  # the user's callback must not take the loop down
-                            log.exception("language: on_done(%d) raised", live.room.room)
-                    # a thread serving the lane for it, unless that is this one
-                    if live.waker is not None and live.waker_thread != threading.get_ident():
-                        try:
-                            os.eventfd_write(live.waker, 1)
-                        except OSError:
-                            pass
-                    now = time.monotonic()
-                    self.metrics.ended(a.new.name, now - live.created)
-                    self._ended[id(live)] = (now, live)
-                    self._reservations.remove(live)
-                    if a.new is Status.Failed:
-                        log.info("language: room %d failed: %s", live.room.room, a.reason)
-            elif isinstance(a, Drop):
-                self.ignored_inputs += 1
-                self.metrics.ignored.labels("language").inc()
-                peer = "?" if live.encoder is None else live.encoder.address
-                self._stale.note(f"encoder {peer}", "stale", a.reason)
-        if freed:
-            self._retry_reservations()
-
-    def _reserve(self, live: LiveRoom, tokens: int) -> None:
-        if live.extension is not None:
-            # the rest goes straight after the first chunk, in the assembly run
-            blocks, live.extension = live.extension, None
-            now = time.monotonic()
-            n = min(tokens, len(blocks) * self.block_size)
-            self._run(live, self._step(live.room.reserved, blocks, n, now))
-            return
-        # first come, first served within each class: wait behind earlier rooms
-        resume = live.room.sent_tokens > 0
-        self._reservations.request(live, tokens, resume=resume, grant=self._grant)
-
-    def _grant(self, live: LiveRoom, blocks: list[int], tokens: int) -> None:
-        """``blocks`` from the reservation queue for a room that asked for ``tokens``."""
-        n = min(tokens, len(blocks) * self.block_size)
-        self._run(live, self._step(live.room.reserved, blocks, n, time.monotonic()))
-
-    def _retry_reservations(self) -> None:
-        self._reservations.retry(self._grant, lambda live: live.room.done)
-
-    def _tick(self, now: float) -> None:
-        if self._routes:
-            # before the rooms' own deadlines: their reason names the bootstrap server
-            self._routes.route(None, now)
-        for live in list(self._rooms.values()):
-            if not live.room.done and not live.starting:  # a starting room waits a tick
-                self._run(live, self._step(live.room.tick, now))
-        self._noise.flush(now)
-        self._stale.flush(now)
-        if self._fences:
-            self._fences.settle(now)
-        self._check_liveness(now)
-        self._ask_again(now)
-        expired = []
-        for key, (ended, live) in self._ended.items():
-            if now - ended <= self.room_ttl:
-                break  # the rest ended later
-            expired.append((key, live))
-        for key, live in expired:
-            del self._ended[key]
-            if self._rooms.get(live.room.room) is live:
-                self.collected_rooms += 1
-                self._clear_room(live)
-
-    def _ask_again(self, now: float) -> None:
-        """Repeat the Abort of every ended room still holding blocks its
-        (live) encoder was offered, once each ``heartbeat_interval`` until
-        the encoder acknowledges. The first Abort, or its answer, may have been
-        lost with a connection reset; without this the blocks would stay out
-        of use for as long as the encoder lives. An encoder answers a repeat
-        the same way (a status for that epoch once nothing is in flight)."""
-        for live in [*self._rooms.values(), *self._zombies.values()]:
-            room, enc = live.room, live.encoder
-            if not (room.done and room.holds_blocks) or live.starting or enc is None:
-                live.ask_again_at = None
-                continue
-            if self._links.get(enc.address) is not enc:
-                continue  # declared dead: its fence gives the blocks back
-            if live.ask_again_at is None:
-                live.ask_again_at = now + self.heartbeat_interval
-            elif now >= live.ask_again_at:
-                live.ask_again_at = now + self.heartbeat_interval
-                self._links.send(
-                    enc,
-                    Abort(
-                        session=self.session,
-                        room=room.room,
-                        epoch=room.epoch,
-                        reason=room.failure_reason or "aborted by receiver",
-                    ),
-                )
-                self.abort_repeats += 1
-
-    def _check_liveness(self, now: float) -> None:
-        """Ping every encoder each ``heartbeat_interval``; one silent for
-        ``heartbeat_interval * heartbeat_misses`` seconds is dead: every room
-        that depends on it fails, its blocks come back (nothing more can land),
-        and the next room for that address connects afresh."""
-        limit = self.heartbeat_interval * self.heartbeat_misses
-        for address, enc in list(self._links.by_address.items()):
-            if now - enc.last_seen > limit:
-                self._encoder_dead(
-                    enc, f"no answer from encoder {address} for {now - enc.last_seen:.1f}s"
-                )
-                continue
-            if now - enc.last_ping >= self.heartbeat_interval:
-                if enc.last_ping and enc.last_seen < enc.last_ping:
-                    # nothing heard since the previous ping: a miss
-                    self.metrics.heartbeat_misses.labels("language").inc()
-                enc.last_ping = now
-                enc.seq += 1
-                self._links.send(enc, Heartbeat(session=self.session, seq=enc.seq, reply=True))
-
-    def _encoder_dead(self, enc: EncoderLink, reason: str, *, closed: bool = False) -> None:
-        """Every room that depends on ``enc`` fails, its blocks come back
-        (nothing more can land), and the next room for that address connects
-        afresh."""
-        # an encoder on this host that closes ends its lane: news only if rooms suffer
-        busy = not closed or any(
-            live.encoder is enc and not live.room.done
-            for live in [*self._rooms.values(), *self._zombies.values()]
-        )
-        log.log(logging.WARNING if busy else logging.INFO, "language: %s", reason)
-        self.dead_encoders += 1
-        self.metrics.dead_peers.labels("language").inc()
-        self._links.drop(enc)
-        # it may come back elsewhere (restarted on another port): look it up afresh
-        self._resolver.forget(enc.address)
-        affected = [
-            live
-            for live in [*self._rooms.values(), *self._zombies.values()]
-            if live.encoder is enc or (live.starting and live.encoder is None)
-        ]
-        # Out of the reservation queues first: blocks the first failures free
-        # must not go to another room of the same dead encoder.
-        for live in affected:
-            if live.encoder is enc:
-                self._reservations.remove(live)
-        # The encoder may be alive behind a broken link, with writes held up in
-        # the network: the blocks it was offered come back only once every
-        # data plane has fenced its link (or, where one cannot, after a grace).
-        fence = self._fences.raise_for(enc)
-        for live in affected:
-            # a room starting on the caller's thread may be about to use enc
-            fail = functools.partial(self._fail_lost, live, enc, reason, fence)
-            if not self._defer(live, fail):
-                fail()
-        self._zombies = {k: v for k, v in self._zombies.items() if v.encoder is not enc}
-        done = functools.partial(self._loop.call, self._fences.one_done)
-        self._fences.ask(fence, self._servers, done, gone=closed)
-        self._fences.settle(time.monotonic())
-
-    def _fail_lost(self, live: LiveRoom, enc: EncoderLink, reason: str, fence: Fence) -> None:
-        if live.encoder is enc and (not live.room.done or live.room.holds_blocks):
-            self._reservations.remove(live)
-            self._run(live, self._step(live.room.peer_lost, time.monotonic(), reason))
-            if live.room.holds_blocks:
-                self._fences.hold(fence, live)
-
-    def _settled(self, live: LiveRoom) -> None:
-        self._run(live, self._step(live.room.settled))
-        key = (live.room.room, live.room.epoch)
-        if self._zombies.get(key) is live:  # cleared meanwhile
-            del self._zombies[key]

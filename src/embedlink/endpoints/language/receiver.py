@@ -57,7 +57,7 @@ class LiveRoom:
     #: ``(bootstrap, dp_group)`` while the room waits for its encoder's
     #: address (the resolver looks it up off the caller's thread)
     route: tuple[str, int | None] | None = None
-    #: counted in ``LanguageEndpoint._handed`` (until it starts or ends)
+    #: counted in ``FastPath.handed`` (until it starts or ends)
     handed: bool = False
     on_done: Callable[[RoomId], None] | None = None
     #: an ended room still holding blocks its encoder was offered: when its
