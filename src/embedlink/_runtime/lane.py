@@ -41,8 +41,21 @@ import socket
 import struct
 import sys
 import threading
+from typing import Protocol
 
-__all__ = ["MAX_BACKLOG", "MAX_FRAME", "Lane", "accept", "connect", "lane_name", "listen"]
+__all__ = [
+    "MAX_BACKLOG",
+    "MAX_FRAME",
+    "Lane",
+    "LaneProvider",
+    "Listener",
+    "ProvidedListener",
+    "accept",
+    "connect",
+    "lane_name",
+    "listen",
+    "use_provider",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +71,53 @@ _READS = 16
 SUPPORTED = sys.platform.startswith("linux")
 
 
+class Listener(Protocol):
+    """What :func:`listen` returns: a listening socket, or a provider's
+    listener, which the loop polls for new lanes."""
+
+    def fileno(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class ProvidedListener(Listener, Protocol):
+    """A provider's listener: it hands out its waiting lanes itself."""
+
+    def accept_lanes(self) -> list[Lane]: ...
+
+
+class LaneProvider(Protocol):
+    """Where lanes come from instead of Unix sockets (:func:`use_provider`):
+    the same three calls, the same contracts. ``embedlink.testing.memory``
+    has one whose lanes are in-process queues."""
+
+    def listen(self, address: str) -> ProvidedListener | None: ...
+
+    def connect(self, address: str) -> Lane | None: ...
+
+
+_provider: LaneProvider | None = None
+
+
+def use_provider(provider: LaneProvider | None) -> LaneProvider | None:
+    """Make ``provider`` the source of every lane listened for or connected
+    from now on (None: Unix sockets again); returns the one it replaces.
+    Process-wide: for tests that run endpoints without sockets."""
+    global _provider
+    previous, _provider = _provider, provider
+    return previous
+
+
 def lane_name(address: str) -> bytes:
     """The abstract socket name of the encoder advertising ``address``."""
     return b"\0embedlink-control/" + address.encode()
 
 
-def listen(address: str) -> socket.socket | None:
+def listen(address: str) -> Listener | None:
     """A non-blocking listening socket for ``address``'s lane, or None (with
     the reason logged) where lanes are not supported or the name is taken."""
+    if _provider is not None:
+        return _provider.listen(address)
     if not SUPPORTED:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -80,8 +132,12 @@ def listen(address: str) -> socket.socket | None:
     return sock
 
 
-def accept(listener: socket.socket) -> list[Lane]:
-    """Every connection waiting on ``listener``, each as a :class:`Lane`."""
+def accept(listener: Listener) -> list[Lane]:
+    """Every connection waiting on ``listener`` (from :func:`listen`), each as
+    a :class:`Lane`."""
+    if not isinstance(listener, socket.socket):
+        provided: ProvidedListener = listener  # type: ignore[assignment]
+        return provided.accept_lanes()
     out: list[Lane] = []
     while True:
         try:
@@ -99,6 +155,8 @@ def connect(address: str) -> Lane | None:
     network namespace, else None (the caller uses ZeroMQ). Never blocks: a
     Unix connect completes at once, or fails (EAGAIN when the encoder's
     accept queue is full: ZeroMQ then)."""
+    if _provider is not None:
+        return _provider.connect(address)
     if not SUPPORTED:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

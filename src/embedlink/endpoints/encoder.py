@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -415,7 +414,7 @@ class EncoderEndpoint:
         self._stale = NoiseLog(log, "encoder", level=logging.DEBUG)
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._sock: zmq.Socket[bytes] | None = None
-        self._listener: socket.socket | None = None  # same-host control lanes
+        self._listener: _lane.Listener | None = None  # same-host control lanes
         self._lanes: dict[bytes, _lane.Lane] = {}  # by the identity they stand for
         self._lane_ids = itertools.count(1)
         self._write_workers = write_workers

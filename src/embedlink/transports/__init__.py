@@ -27,6 +27,8 @@ __all__ = [
     "WriteOutOfBounds",
     "available",
     "get_backend",
+    "register_backend",
+    "unregister_backend",
 ]
 
 
@@ -70,17 +72,41 @@ _REGISTRY: dict[str, str] = {
 }
 
 
+#: backends registered at run time (register_backend), by name
+_REGISTERED: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend, *, replace: bool = False) -> None:
+    """Make ``backend`` (an object with a backend module's ``BACKEND``
+    interface) choosable by its ``name`` in ``transports=``, in this process:
+    an out-of-tree data plane, or ``embedlink.testing.memory``'s. ValueError
+    when the name is taken, unless ``replace``. Both endpoints of a pair must
+    have it registered."""
+    name = backend.name
+    if not replace and (name in _REGISTRY or name in _REGISTERED):
+        raise ValueError(f"a transport called {name!r} is already registered")
+    _REGISTERED[name] = backend
+
+
+def unregister_backend(name: str) -> None:
+    """Undo :func:`register_backend` (no-op for a name it did not register)."""
+    _REGISTERED.pop(name, None)
+
+
 def available() -> list[str]:
     """Names of every registered backend (whether or not its library is installed)."""
-    return list(_REGISTRY)
+    return [*_REGISTRY, *(n for n in _REGISTERED if n not in _REGISTRY)]
 
 
 def get_backend(name: str) -> Backend:
     """The backend called ``name``; ValueError for an unknown name,
     TransportUnavailable (with an install hint) when its library is missing."""
+    registered = _REGISTERED.get(name)
+    if registered is not None:
+        return registered
     mod_name = _REGISTRY.get(name)
     if mod_name is None:
-        raise ValueError(f"unknown transport {name!r}; known: {', '.join(_REGISTRY)}")
+        raise ValueError(f"unknown transport {name!r}; known: {', '.join(available())}")
     mod = importlib.import_module(mod_name)
     backend: Backend = mod.BACKEND
     return backend
