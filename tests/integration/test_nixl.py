@@ -1,6 +1,6 @@
 """The ``nixl`` transport (NVIDIA NIXL over UCX) between real processes: writes
 land byte for byte with their notifications, NIXL's errors and passed
-deadlines are TransportErrors, the process is left as it was found (no
+deadlines are DataPlaneErrors, the process is left as it was found (no
 SIGSEGV at exit, the environment restored, no INFO chatter), a missing NIXL is
 one clear error, and negotiation falls back where one side lacks it. The
 pipeline's scenarios over ``nixl`` (seed rooms, resumes, 500 concurrent rooms,
@@ -23,7 +23,7 @@ from embedlink import BufferPool, BufferSchema, LanguageEndpoint, TransferError
 from embedlink.protocol import AUX_FIELD, Copy, TransportOffer
 from embedlink.tools.workers import make_embedding, same_embedding
 from embedlink.transports import (
-    TransportError,
+    DataPlaneError,
     TransportUnavailable,
     WriteOutOfBounds,
     get_backend,
@@ -182,7 +182,7 @@ def test_a_write_nixl_refuses_is_a_transport_error_and_the_writer_goes_on(peer):
     p = peer()
     big = {k: v * 4 for k, v in p.regions.items()}
     w = _writer(p, regions=big)
-    with pytest.raises(TransportError, match=r"nixl: .*(NOT_FOUND|not found|failed)"):
+    with pytest.raises(DataPlaneError, match=r"nixl: .*(NOT_FOUND|not found|failed)"):
         w.write([Copy("embedding", 0, p.regions["embedding"] * 2, 1024)], _src(), timeout=5)
     w.write([Copy("token_ids", 0, 0, 64)], _src(), timeout=5)
     w.close()
@@ -203,7 +203,7 @@ def test_a_peer_that_stops_reading_fails_the_write_at_its_deadline(peer):
     w.write(copies, src, timeout=60)  # connected, and the peer is sound
     os.kill(p.proc.pid, signal.SIGSTOP)
     t0 = time.monotonic()
-    with pytest.raises(TransportError, match=r"timed out after 1 s"):
+    with pytest.raises(DataPlaneError, match=r"timed out after 1 s"):
         w.write(copies, src, timeout=1)
     assert time.monotonic() - t0 < 10
     os.kill(p.proc.pid, signal.SIGCONT)
@@ -225,7 +225,7 @@ def test_an_offer_with_garbage_metadata_fails_the_write_not_the_process():
     w = get_backend("nixl").connect(
         offer, regions={n: 16 for n in NAMES}, field_names=NAMES, timeout=5
     )
-    with pytest.raises(TransportError, match="adding the remote agent failed"):
+    with pytest.raises(DataPlaneError, match="adding the remote agent failed"):
         w.write([Copy("token_ids", 0, 0, 4)], _src(), timeout=5)
     w.close()
     for bad in ({"agent": "x", "addrs": "1,2", "md_parts": "0"}, {"agent": "x", "addrs": "a"}):

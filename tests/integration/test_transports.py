@@ -9,7 +9,7 @@ import pytest
 from embedlink import BufferPool, BufferSchema
 from embedlink._runtime.host import host_id
 from embedlink.protocol import AUX_FIELD, Copy
-from embedlink.transports import TransportError, WriteOutOfBounds, get_backend
+from embedlink.transports import DataPlaneError, WriteOutOfBounds, get_backend
 from embedlink.transports.base import regions_of
 from embedlink.transports.shm import create_shared_pool
 
@@ -125,7 +125,7 @@ def test_tcp_fence_stops_a_link_whose_batch_is_half_delivered():
         w = get_backend("tcp").connect(
             offer, regions=regions_of(pool.layout), field_names=NAMES, timeout=5
         )
-        with pytest.raises(TransportError, match=r"fenced|failed"):
+        with pytest.raises(DataPlaneError, match=r"fenced|failed"):
             w.write([Copy("token_ids", 0, 0, 4)], src_pool(), timeout=5)
         w.close()
         assert bytes(pool.field_bytes("token_ids")[:4]) == before
@@ -201,7 +201,7 @@ def test_tcp_writer_to_dead_peer_raises_transport_error():
         field_names=NAMES,
         timeout=1,
     )
-    with pytest.raises(TransportError, match="cannot connect"):
+    with pytest.raises(DataPlaneError, match="cannot connect"):
         w.write([Copy("token_ids", 0, 0, 4)], src_pool(), timeout=1)
 
 
@@ -274,7 +274,7 @@ def test_mooncake_write_to_a_stopped_peer_times_out_and_the_writer_recovers():
         os.kill(peer.pid, signal.SIGSTOP)
         t0 = time.monotonic()
         # 64 MiB goes as four requests (see SPLIT_BYTES)
-        with pytest.raises(TransportError, match=r"timed out after 1 s with \d of 4 requests"):
+        with pytest.raises(DataPlaneError, match=r"timed out after 1 s with \d of 4 requests"):
             w.write(copies, src, timeout=1)
         assert time.monotonic() - t0 < 10
         assert 1 <= len(w._abandoned) <= 4
@@ -290,13 +290,13 @@ def test_mooncake_write_to_a_stopped_peer_times_out_and_the_writer_recovers():
 @pytest.mark.parametrize("wait", ["poll", "spin"])
 def test_mooncake_write_the_engine_refuses_is_a_transport_error(wait):
     """A destination the peer never registered: the engine fails the request;
-    the room gets a TransportError with the code, never a hang or a -1."""
+    the room gets a DataPlaneError with the code, never a hang or a -1."""
     shared = create_shared_pool(SCHEMA, 8, 4)
     server = get_backend("mooncake").server(shared.pool, host="127.0.0.1").start()
     try:
         session = server.offer().params["session"]
         w = _mooncake_writer(session, 4096, 1 << 20, wait=wait)  # not registered there
-        with pytest.raises(TransportError, match=r"failed|returned -1"):
+        with pytest.raises(DataPlaneError, match=r"failed|returned -1"):
             w.write([Copy("embedding", 0, 0, 1024)], _big_src(1 << 20), timeout=5)
         w.close()
     finally:
@@ -305,7 +305,7 @@ def test_mooncake_write_the_engine_refuses_is_a_transport_error(wait):
 
 
 def test_mooncake_unknown_wait_option_is_refused():
-    with pytest.raises(TransportError, match="wait='busy' is not one of auto, poll, spin"):
+    with pytest.raises(DataPlaneError, match="wait='busy' is not one of auto, poll, spin"):
         _mooncake_writer("127.0.0.1:1", 0, 1, wait="busy")
 
 
@@ -398,7 +398,7 @@ def test_mooncake_writers_in_one_process_keep_their_own_deadlines(wait):
         assert "MC_TRANSFER_TIMEOUT" not in os.environ
         os.kill(peer.pid, signal.SIGSTOP)
         for t, w in writers.items():
-            with pytest.raises(TransportError, match=rf"timed out after {t} s"):
+            with pytest.raises(DataPlaneError, match=rf"timed out after {t} s"):
                 w.write(copies, src, timeout=t)
         os.kill(peer.pid, signal.SIGCONT)
         for w in writers.values():

@@ -24,7 +24,7 @@ from embedlink._runtime import lane as _lane
 from embedlink.protocol import AUX_FIELD, Copy
 from embedlink.testing.memory import MemoryLane, MemoryLanes, MemoryTransport, in_memory
 from embedlink.tools.workers import make_embedding, same_embedding
-from embedlink.transports import TransportError, WriteOutOfBounds, get_backend
+from embedlink.transports import DataPlaneError, WriteOutOfBounds, get_backend
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -121,7 +121,7 @@ def test_a_fenced_link_writes_no_more_and_others_still_do() -> None:
     calls: list[str] = []
     assert server.fence("a", lambda: calls.append("done"))  # type: ignore[attr-defined]
     assert calls == ["done"]  # nothing was in flight
-    with pytest.raises(TransportError, match="fenced"):
+    with pytest.raises(DataPlaneError, match="fenced"):
         fenced.write([Copy("embedding", 0, 0, 8)], src, 1.0)  # type: ignore[attr-defined]
     other.write([Copy("embedding", 0, 0, 8)], src, 1.0)  # type: ignore[attr-defined]
 
@@ -130,7 +130,7 @@ def test_fail_writes_makes_every_write_fail_until_switched_off() -> None:
     transport, src, dst, server = pools()
     w = writer_for(transport, server, dst, "a")
     transport.fail_writes("the wire is cut")
-    with pytest.raises(TransportError, match="the wire is cut"):
+    with pytest.raises(DataPlaneError, match="the wire is cut"):
         w.write([Copy("embedding", 0, 0, 8)], src, 1.0)  # type: ignore[attr-defined]
     transport.fail_writes(None)
     w.write([Copy("embedding", 0, 0, 8)], src, 1.0)  # type: ignore[attr-defined]
@@ -232,3 +232,10 @@ def test_arrays_of_the_result_are_the_callers() -> None:
         finally:
             lang.close()
             enc.close()
+
+
+def test_the_data_plane_error_keeps_its_old_name() -> None:
+    from embedlink.transports import DataPlaneError
+    from embedlink.transports import TransportError as Old
+
+    assert Old is DataPlaneError and issubclass(WriteOutOfBounds, DataPlaneError)

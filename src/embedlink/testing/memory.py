@@ -40,8 +40,8 @@ from .._runtime import lane as _lane
 from ..memory import BufferPool
 from ..protocol import AUX_FIELD, Copy, TransportOffer
 from ..transports import (
+    DataPlaneError,
     PeerWriter,
-    TransportError,
     TransportServer,
     TransportUnavailable,
     register_backend,
@@ -257,7 +257,7 @@ class _MemoryServer(TransportServer):
     def admit(self, link: str) -> None:
         with self._lock:
             if link in self._fenced:
-                raise TransportError(f"memory: link {link} is fenced")
+                raise DataPlaneError(f"memory: link {link} is fenced")
             self._in_flight[link] += 1
 
     def release(self, link: str) -> None:
@@ -292,10 +292,10 @@ class _MemoryWriter(PeerWriter):
     def _target(self) -> _MemoryServer:
         server = self._server
         if server is None:
-            raise TransportError("memory: writer closed")
+            raise DataPlaneError("memory: writer closed")
         failure = self._transport._failure
         if failure is not None:
-            raise TransportError(f"memory: {failure}")
+            raise DataPlaneError(f"memory: {failure}")
         return server
 
     def write(self, copies: Sequence[Copy], src: BufferPool, timeout: float) -> None:

@@ -11,6 +11,7 @@ from typing import Protocol
 from ..memory import BufferPool
 from ..protocol import TransportOffer
 from .base import (
+    DataPlaneError,
     PeerWriter,
     TransportError,
     TransportServer,
@@ -20,6 +21,7 @@ from .base import (
 
 __all__ = [
     "Backend",
+    "DataPlaneError",
     "PeerWriter",
     "TransportError",
     "TransportServer",

@@ -13,8 +13,8 @@ A transport has two halves:
 
 Every backend refuses a copy outside the peer's registered regions with
 :class:`WriteOutOfBounds` before any byte moves. Failures are
-:class:`TransportError` (a subclass of ``EmbedlinkError``); the caller fails the
-room that asked, and only that room.
+:class:`DataPlaneError` (a subclass of ``EmbedlinkError``; ``TransportError`` is
+its old name); the caller fails the room that asked, and only that room.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ..memory import BufferPool
 from ..protocol import Copy, EmbedlinkError, TransportOffer
 
 __all__ = [
+    "DataPlaneError",
     "PeerWriter",
     "TransportError",
     "TransportServer",
@@ -37,15 +38,22 @@ __all__ = [
 ]
 
 
-class TransportError(EmbedlinkError):
-    """A data-plane write failed; the room that asked for it fails."""
+class DataPlaneError(EmbedlinkError):
+    """A data-plane write failed; the room that asked for it fails (with a
+    :class:`~embedlink.protocol.TransferError` naming this one's message).
+    Not to be confused with that one: a ``TransferError`` is a *room* that
+    failed, for any reason; this is a *write* that failed."""
 
 
-class TransportUnavailable(TransportError):
+#: the old name of :class:`DataPlaneError`, kept for code that catches it
+TransportError = DataPlaneError
+
+
+class TransportUnavailable(DataPlaneError):
     """A backend cannot be used here (missing library, other host); carries a hint."""
 
 
-class WriteOutOfBounds(TransportError):
+class WriteOutOfBounds(DataPlaneError):
     """A copy would fall outside the destination's registered regions."""
 
 
@@ -138,7 +146,7 @@ class PeerWriter:
 
     def write(self, copies: Sequence[Copy], src: BufferPool, timeout: float) -> None:
         """Copy every ``copies`` entry from ``src`` into the peer's pool, and return
-        only once the bytes are in the peer's memory. Raises TransportError."""
+        only once the bytes are in the peer's memory. Raises DataPlaneError."""
         raise NotImplementedError
 
     def write_from(self, copies: Sequence[Copy], sources: Sequence[Any], timeout: float) -> None:

@@ -24,7 +24,7 @@ from .._runtime.host import host_id as local_host_id
 from ..memory import BufferPool
 from ..protocol import AUX_FIELD, Copy, TransportOffer
 from . import Backend
-from .base import PeerWriter, TransportError, TransportServer, TransportUnavailable, check_bounds
+from .base import DataPlaneError, PeerWriter, TransportServer, TransportUnavailable, check_bounds
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class CudaIpcWriter(PeerWriter):
         check_bounds(copies, self.regions, src)
         torch = self._torch
         if self._mem is None:
-            raise TransportError("cuda_ipc: writer closed")
+            raise DataPlaneError("cuda_ipc: writer closed")
         back = src.tensor if src.is_torch else torch.from_numpy(src.backing)
         with self._lock:
             try:
@@ -171,7 +171,7 @@ class CudaIpcWriter(PeerWriter):
                         self._mem[d : d + c.length].copy_(back[s : s + c.length], non_blocking=True)
                 self._stream.synchronize()
             except RuntimeError as exc:  # CUDA errors surface as RuntimeError in torch
-                raise TransportError(f"cuda_ipc: copy failed: {exc}") from exc
+                raise DataPlaneError(f"cuda_ipc: copy failed: {exc}") from exc
 
     def close(self) -> None:
         with self._lock:

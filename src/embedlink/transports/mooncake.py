@@ -29,7 +29,7 @@ The Python binding has no non-blocking status for a batch of several requests
 per merged copy; a plan has one copy per field when its blocks are contiguous.
 
 A non-zero return code, a failed request or a passed deadline becomes a
-:class:`~embedlink.transports.TransportError` carrying the code: the room
+:class:`~embedlink.transports.DataPlaneError` carrying the code: the room
 fails, terminally. After a failed request the writer waits (up to the
 deadline) for the plan's other requests to settle, so that they do not land in
 the peer's pool after the room has failed and its blocks may have gone to
@@ -73,7 +73,7 @@ from typing import Any
 from ..memory import BufferPool
 from ..protocol import AUX_FIELD, Copy, TransportOffer
 from . import Backend
-from .base import PeerWriter, TransportError, TransportServer, TransportUnavailable, check_bounds
+from .base import DataPlaneError, PeerWriter, TransportServer, TransportUnavailable, check_bounds
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class _Engine:
                 self.engine.batch_unregister_memory([addr])
             rc = self.engine.batch_register_memory([addr], [nbytes])
             if rc != 0:
-                raise TransportError(
+                raise DataPlaneError(
                     f"mooncake: batch_register_memory({addr:#x}, {nbytes}) returned {rc}"
                 )
             self._registered[addr] = (nbytes, (held[1] if held else 0) + 1)
@@ -376,7 +376,7 @@ class MooncakeWriter(PeerWriter):
             if time.monotonic() >= deadline:
                 with self._lock:
                     self._abandoned.extend(pending)
-                raise TransportError(
+                raise DataPlaneError(
                     f"mooncake: write to {self.session} timed out after {timeout:g} s with "
                     f"{len(pending)} of {len(requests)} requests pending ({sum(lens)} bytes)"
                     + (f"; {problem}" if problem else "")
@@ -386,7 +386,7 @@ class MooncakeWriter(PeerWriter):
             else:
                 time.sleep(POLL_INTERVAL)
         if problem is not None:
-            raise TransportError(
+            raise DataPlaneError(
                 f"mooncake: write to {self.session} failed: {problem} ({len(requests)} requests, "
                 f"{sum(lens)} bytes): the peer is unreachable or refused the write"
             )

@@ -13,7 +13,7 @@ endpoint's loop, which runs ``connect()``. It writes each chunk's merged
 copies as one NIXL ``WRITE`` with a notification;
 it watches the request until it is done or the writer's deadline (the room
 timeout of the endpoint that made it) passes. A NIXL error, a failed request
-or a passed deadline is a :class:`~embedlink.transports.TransportError` naming
+or a passed deadline is a :class:`~embedlink.transports.DataPlaneError` naming
 NIXL's error: the room fails, never hangs. A request still in progress at the
 deadline is released, which asks UCX to cancel it; one NIXL cannot release yet
 is kept and released by a later write. After a failed or timed-out write the
@@ -114,7 +114,7 @@ from typing import Any
 from ..memory import BufferPool
 from ..protocol import AUX_FIELD, Copy, TransportOffer
 from . import Backend
-from .base import PeerWriter, TransportError, TransportServer, TransportUnavailable, check_bounds
+from .base import DataPlaneError, PeerWriter, TransportServer, TransportUnavailable, check_bounds
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +408,7 @@ class _Agent:
                 descs = self._reg_list(addr, nbytes, mem, dev)
                 self.agent.registerMem(descs, [self.backend])
             except Exception as exc:
-                raise TransportError(
+                raise DataPlaneError(
                     f"nixl: registering {nbytes} bytes of {mem} at {addr:#x} failed: "
                     f"{_error_text(exc)}"
                 ) from exc
@@ -470,7 +470,7 @@ class _Agent:
             try:
                 got = self.agent.loadRemoteMD(md)
             except Exception as exc:
-                raise TransportError(
+                raise DataPlaneError(
                     f"nixl: adding the remote agent failed: {_error_text(exc)}"
                 ) from exc
             got = got.decode() if isinstance(got, bytes) else str(got)
@@ -479,7 +479,7 @@ class _Agent:
                     known = got in self._loaded
                 if not known:
                     self._invalidate(got)
-                raise TransportError(f"nixl: the offer names agent {name!r}, its metadata {got!r}")
+                raise DataPlaneError(f"nixl: the offer names agent {name!r}, its metadata {got!r}")
             with self._lock:
                 self._loaded[name].add(md)
             return gen
@@ -636,7 +636,7 @@ class NixlServer(TransportServer):
         md = base64.b64encode(agent.metadata(self.pool.base_addr, self._dev)).decode()
         parts = [md[i : i + _MD_PART] for i in range(0, len(md), _MD_PART)]
         if len(parts) > _MD_PARTS_MAX:
-            raise TransportError(f"nixl: the agent's metadata ({len(md)} characters) is too large")
+            raise DataPlaneError(f"nixl: the agent's metadata ({len(md)} characters) is too large")
         names = [*self.pool.schema.names, AUX_FIELD]
         params = {
             "agent": agent.name,
@@ -708,7 +708,7 @@ class NixlWriter(PeerWriter):
         agent = self.agent
         with self._lock:
             if self._closed:
-                raise TransportError("nixl: writer closed")
+                raise DataPlaneError("nixl: writer closed")
             if self.remote == agent.name:
                 # a pool of this very agent (two endpoints in one process):
                 # NIXL writes to its own agent without loading metadata
@@ -725,7 +725,7 @@ class NixlWriter(PeerWriter):
         if key not in self._sources:
             with self._lock:
                 if self._closed:
-                    raise TransportError("nixl: writer closed")
+                    raise DataPlaneError("nixl: writer closed")
                 if key not in self._sources:
                     self.agent.register(src.base_addr, src.nbytes, mem, dev)
                     self._sources.add(key)
@@ -739,7 +739,7 @@ class NixlWriter(PeerWriter):
         remote, gen = self._connect()
         try:
             self._write(copies, src, remote, deadline, timeout)
-        except TransportError:
+        except DataPlaneError:
             if gen >= 0:  # the next write connects again
                 self.agent.reset_remote(remote, gen)
             raise
@@ -761,7 +761,7 @@ class NixlWriter(PeerWriter):
                 nb.NIXL_WRITE, ldl, rdl, remote, self.agent.notification(), [self.agent.backend]
             )
         except Exception as exc:
-            raise TransportError(
+            raise DataPlaneError(
                 f"nixl: preparing a write of {nbytes} bytes to {remote} failed: {_error_text(exc)}"
             ) from exc
         self._watch(agent, req, deadline, timeout, nbytes, len(copies))
@@ -779,18 +779,18 @@ class NixlWriter(PeerWriter):
                 if now >= deadline:
                     self._release(agent, req, pending=True)
                     req = 0
-                    raise TransportError(f"nixl: {what} timed out after {timeout:g} s")
+                    raise DataPlaneError(f"nixl: {what} timed out after {timeout:g} s")
                 if now < spin_until:
                     _yield()
                 else:
                     time.sleep(POLL_INTERVAL)
                 status = agent.getXferStatus(req)
             if status != nb.NIXL_SUCCESS:
-                raise TransportError(f"nixl: {what} ended with status {status}")
-        except TransportError:
+                raise DataPlaneError(f"nixl: {what} ended with status {status}")
+        except DataPlaneError:
             raise
         except Exception as exc:  # NIXL's errors: the peer died, refused, disconnected
-            raise TransportError(
+            raise DataPlaneError(
                 f"nixl: {what} failed: {_error_text(exc)}: the peer is unreachable or "
                 "refused the write"
             ) from exc

@@ -21,7 +21,7 @@ from .._runtime.host import host_id as local_host_id
 from ..memory import BufferPool, pool_layout
 from ..protocol import AUX_FIELD, BufferSchema, Copy, TransportOffer
 from . import Backend
-from .base import PeerWriter, TransportError, TransportServer, TransportUnavailable, check_bounds
+from .base import DataPlaneError, PeerWriter, TransportServer, TransportUnavailable, check_bounds
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class ShmWriter(PeerWriter):
     def write(self, copies: Sequence[Copy], src: BufferPool, timeout: float) -> None:
         mem = self._mem
         if mem is None:
-            raise TransportError("shm: writer closed")
+            raise DataPlaneError("shm: writer closed")
         check_bounds(copies, self.regions, src)
         back = src.backing
         for c in copies:
@@ -179,7 +179,7 @@ class ShmWriter(PeerWriter):
     def write_from(self, copies: Sequence[Copy], sources: Sequence[Any], timeout: float) -> None:
         mem = self._mem
         if mem is None:
-            raise TransportError("shm: writer closed")
+            raise DataPlaneError("shm: writer closed")
         check_bounds(copies, self.regions)
         for c, data in zip(copies, sources, strict=True):
             d = self.offsets[c.field] + c.dst_offset

@@ -41,8 +41,8 @@ from ..memory import BufferPool
 from ..protocol import AUX_FIELD, Copy, TransportOffer
 from . import Backend
 from .base import (
+    DataPlaneError,
     PeerWriter,
-    TransportError,
     TransportServer,
     TransportUnavailable,
     WriteOutOfBounds,
@@ -313,13 +313,13 @@ class TcpWriter(PeerWriter):
     def _get(self) -> socket.socket:
         with self._lock:
             if self._closed:
-                raise TransportError("writer closed")
+                raise DataPlaneError("writer closed")
             if self._idle:
                 return self._idle.pop()
         try:
             s = socket.create_connection(self.addr, timeout=self.connect_timeout)
         except OSError as exc:
-            raise TransportError(
+            raise DataPlaneError(
                 f"tcp: cannot connect to {self.addr[0]}:{self.addr[1]}: {exc}"
             ) from exc
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -327,7 +327,7 @@ class TcpWriter(PeerWriter):
             s.sendall(self._hello)  # goes out with the first batch (no round trip)
         except OSError as exc:
             s.close()
-            raise TransportError(
+            raise DataPlaneError(
                 f"tcp: cannot open a link to {self.addr[0]}:{self.addr[1]}: {exc}"
             ) from exc
         return s
@@ -364,12 +364,12 @@ class TcpWriter(PeerWriter):
             msg = _recv_exact(sock, mlen).decode(errors="replace") if mlen else ""
         except (OSError, ConnectionError) as exc:
             sock.close()
-            raise TransportError(
+            raise DataPlaneError(
                 f"tcp: write to {self.addr[0]}:{self.addr[1]} failed: {exc}"
             ) from exc
         if status == 2:  # the server hung up after saying so
             sock.close()
-            raise TransportError(f"tcp: {self.addr[0]}:{self.addr[1]} refused the write: {msg}")
+            raise DataPlaneError(f"tcp: {self.addr[0]}:{self.addr[1]} refused the write: {msg}")
         with self._lock:
             if self._closed:
                 sock.close()
