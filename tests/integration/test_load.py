@@ -68,13 +68,12 @@ def _load(boot, rooms, transport):
             except TimeoutError as exc:
                 # a room that never ends: say where it is stuck (a rare hang
                 # under heavy load, not yet understood)
-                live = rx._live
+                snap = lang.status()
                 raise AssertionError(
-                    f"{exc}; room: route={live.route} queued={live.queued} "
-                    f"encoder={live.encoder and live.encoder.address} "
-                    f"history={rx.history}; language: unrouted={len(lang._unrouted)} "
-                    f"firsts={len(lang._firsts)} resumes={len(lang._resumes)} "
-                    f"pool={lang.pool_usage()} encoders={list(lang._encoders)}; "
+                    f"{exc}; room: status={rx.poll()} history={rx.history}; language: "
+                    f"waiting for a route={snap['rooms_waiting_for_route']} "
+                    f"queued={snap['queued_reservations']} pool={lang.pool_usage()} "
+                    f"encoders={[p['encoder'] for p in snap['peers']]}; "
                     f"encoder: rooms={enc.room_count()} pool={enc.pool_usage()}"
                 ) from None
             rx.clear()

@@ -54,8 +54,8 @@ def test_metrics_move_on_endpoints_and_bootstrap(boot, transport):
         ) as enc,
         LanguageEndpoint(SCHEMA, num_blocks=64, transports=(transport,), metrics_port=0) as lang,
     ):
-        e_url = f"http://127.0.0.1:{enc._exporter.port}/metrics"
-        l_url = f"http://127.0.0.1:{lang._exporter.port}/metrics"
+        e_url = f"http://{enc.metrics_address}/metrics"
+        l_url = f"http://{lang.metrics_address}/metrics"
         before = scrape(e_url)
         assert value(before, "embedlink_pool_blocks", side="encoder", state="free") == 64
         rx = lang.receiver(bootstrap=boot.address, room=1)

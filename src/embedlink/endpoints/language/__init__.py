@@ -468,6 +468,12 @@ class LanguageEndpoint(Liveness):
     def room_count(self) -> int:
         return len(self._rooms)
 
+    @property
+    def loop_errors(self) -> int:
+        """Exceptions the endpoint's loop caught in its own handlers (each
+        logged): 0 in a healthy endpoint; also ``status()["loop_errors"]``."""
+        return self._loop.errors
+
     def _serve_until_done(self, live: LiveRoom, timeout: float | None) -> None:
         self._fast.serve_until_done(live, timeout)
 
