@@ -358,10 +358,10 @@ class LanguageEndpoint(Liveness):
         to a queue) and must not call into the endpoint. An exception it
         raises is logged.
         """
-        first = self.default_tokens if tokens is None else tokens
-        if not 0 < first <= self.num_blocks * self.block_size:
+        reserve_tokens = self.default_tokens if tokens is None else tokens
+        if not 0 < reserve_tokens <= self.num_blocks * self.block_size:
             raise ValueError(
-                f"room {room}: a reservation of {first} tokens does not fit the pool's "
+                f"room {room}: a reservation of {reserve_tokens} tokens does not fit the pool's "
                 f"{self.num_blocks * self.block_size} tokens"
             )
         if not self._started or self._closed:
@@ -387,7 +387,7 @@ class LanguageEndpoint(Liveness):
             now=time.monotonic(),
             timeout=self.room_timeout,
             bootstrap_timeout=self.bootstrap_timeout,
-            default_tokens=first,
+            default_tokens=reserve_tokens,
             required_dst_info_num=required,
         )
         live = LiveRoom(r, None, route=route, on_done=on_done)
