@@ -12,7 +12,9 @@ meant to finish in under 3 minutes on a machine with an NVIDIA GPU:
    latency is also measured with the two processes pinned to one CPU each
    (``embedlink bench --pin``; ``GPU_CHECK_PIN=1`` pins the other rows and
    measures that one unpinned);
-4. the targets: a 2000-token embedding end to end over ``cuda_ipc`` in at most
+4. a hop-by-hop trace of one-at-a-time 2000-token rooms over ``cuda_ipc``
+   (``benchmarks/trace_room.py``);
+5. the targets: a 2000-token embedding end to end over ``cuda_ipc`` in at most
    10x the raw IPC copy time, and at least 20x faster than Mooncake TCP with
    GPU buffers.
 
@@ -233,6 +235,18 @@ def many(ctx: Any, boot: BootstrapServer) -> dict[str, Any]:
             lang.kill()
 
 
+@step("trace cuda_ipc")
+def trace() -> dict[str, Any]:
+    """Hop by hop, where a one-at-a-time 2000-token room's time goes
+    (benchmarks/trace_room.py)."""
+    sys.path.insert(0, HERE)
+    import trace_room
+
+    out = trace_room.run(transport=IPC, tokens=2000, rooms=300, device=DEVICE, pin=PIN)
+    print(trace_room.render(out), flush=True)
+    return out
+
+
 @step("bench rows")
 def bench_rows() -> dict[str, Any]:
     from dataclasses import asdict
@@ -324,6 +338,7 @@ def main() -> int:
     with BootstrapServer(host="127.0.0.1", port=0) as boot:
         seeds(ctx, boot)
         many(ctx, boot)
+    trace()
     bench_rows()
     RESULTS["targets"] = targets()
     RESULTS["total_seconds"] = round(time.perf_counter() - t0, 1)
