@@ -467,6 +467,29 @@ def test_constructing_closing_and_restarting_leaks_nothing():
         assert threading.active_count() == threads
 
 
+def test_an_encoder_port_in_use_fails_start_and_leaks_nothing():
+    """A taken control port is an OSError from start() naming the address,
+    not a hang in close() (an unclosed ZeroMQ socket blocks its context's
+    term()); the endpoint leaves no thread or descriptor behind."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        EncoderEndpoint(SCHEMA, num_blocks=8, transports=("tcp",)).start().close()
+        fds, threads = _fds(), threading.active_count()
+        for _ in range(3):
+            enc = EncoderEndpoint(SCHEMA, num_blocks=8, port=port, transports=("tcp",))
+            with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
+                enc.start()
+            enc.close()
+        assert _embedlink_threads() == []
+        assert threading.active_count() == threads
+        until(lambda: _fds() <= fds, timeout=10, what="descriptors back")
+    finally:
+        taken.close()
+
+
 def test_rooms_after_close_are_refused_clearly():
     lang = LanguageEndpoint(SCHEMA, num_blocks=8, default_tokens=128, transports=("tcp",))
     with pytest.raises(RuntimeError, match="not running"):

@@ -76,10 +76,16 @@ class ControlLinks:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, 2 << 20)
-        if port:
-            sock.bind(f"tcp://{host}:{port}")
-        else:
-            port = sock.bind_to_random_port(f"tcp://{host}")
+        try:
+            if port:
+                sock.bind(f"tcp://{host}:{port}")
+            else:
+                port = sock.bind_to_random_port(f"tcp://{host}")
+        except zmq.ZMQError as exc:
+            # An open socket would block the context's term() in close() for
+            # ever: a port in use must fail start(), not hang it.
+            sock.close(0)
+            raise OSError(exc.errno, f"cannot bind the control socket to {host}:{port}: {exc}") from exc
         self._sock = sock
         self._loop.add_socket(sock, self._on_readable)
         return port
