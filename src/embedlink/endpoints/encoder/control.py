@@ -85,7 +85,9 @@ class ControlLinks:
             # An open socket would block the context's term() in close() for
             # ever: a port in use must fail start(), not hang it.
             sock.close(0)
-            raise OSError(exc.errno, f"cannot bind the control socket to {host}:{port}: {exc}") from exc
+            raise OSError(
+                exc.errno, f"cannot bind the control socket to {host}:{port}: {exc}"
+            ) from exc
         self._sock = sock
         self._loop.add_socket(sock, self._on_readable)
         return port
