@@ -176,7 +176,7 @@ class Encoder:
             "live_rooms": self.ep.room_count(),
             "stats": dict(vars(self.ep.stats)),
             "sessions": self.ep.sessions(),
-            "loop_errors": self.ep._loop.errors,
+            "loop_errors": self.ep.loop_errors,
         }
 
     def close(self) -> None:
@@ -319,7 +319,7 @@ class Language:
             "forensics": self.forensics(),
             "dropped_messages": self.ep.dropped_messages,
             "ignored_inputs": self.ep.ignored_inputs,
-            "loop_errors": self.ep._loop.errors,
+            "loop_errors": self.ep.loop_errors,
         }
 
     def forensics(self) -> dict[str, str]:

@@ -51,7 +51,7 @@ def test_authenticated_pipeline_works_and_strangers_are_counted():
             rx = bad.receiver(encoder=enc.address, room=2)
             with pytest.raises(TransferError, match="timed out"):
                 rx.wait(timeout=30)
-        assert enc._loop.errors == 0
+        assert enc.loop_errors == 0
 
 
 def test_unauthenticated_registration_is_refused():

@@ -123,7 +123,7 @@ def test_resume_with_wrong_sent_tokens_fails_only_that_room(setup, boot):
         enc.sender(2).send(make_embedding(SCHEMA, 3000, 0, 2))
         assert same_embedding(rx.wait(timeout=20), make_embedding(SCHEMA, 3000, 0, 2))
     assert enc.allocator.wait_all_free(5)
-    assert enc._loop.errors == 0
+    assert enc.loop_errors == 0
 
 
 def test_duplicate_resume_is_ignored_over_the_wire(setup):
@@ -190,4 +190,4 @@ def test_on_request_announces_each_unknown_room_once_and_survives_a_raising_call
         for r, rx in zip((1, 2), rxs, strict=True):
             assert same_embedding(rx.wait(timeout=20), make_embedding(SCHEMA, 300, 0, r))
         assert sorted(seen) == [1, 2]
-        assert enc._loop.errors == 0
+        assert enc.loop_errors == 0

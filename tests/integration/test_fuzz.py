@@ -171,8 +171,8 @@ def test_fuzz_control_planes_and_bootstrap(boot):
 
         # drain: the loops process the backlog, nothing dies
         time.sleep(1.0)
-        assert enc._loop.alive and lang._loop.alive
-        assert enc._loop.errors == 0 and lang._loop.errors == 0
+        assert enc.running and lang.running
+        assert enc.loop_errors == 0 and lang.loop_errors == 0
         assert enc.stats.dropped_messages > 1000 and lang.dropped_messages > 1000
         # no live room changed because of the fuzz
         assert {r: rx.history for r, rx in rxs.items()} == before

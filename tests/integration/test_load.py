@@ -102,7 +102,7 @@ def _load(boot, rooms, transport):
             tx.clear()
         assert lang.allocator.wait_all_free(30), lang.pool_usage()
         assert enc.allocator.wait_all_free(30), enc.pool_usage()
-        assert enc._loop.errors == 0 and lang._loop.errors == 0
+        assert enc.loop_errors == 0 and lang.loop_errors == 0
         return ok, len(failed)
 
 

@@ -140,9 +140,9 @@ def test_rooms_started_from_many_threads_with_a_short_pool_all_arrive():
                 assert not any(w.is_alive() for w in workers), "a thread hung"
                 assert failures == []
                 assert lang.allocator.wait_all_free(10)
-                assert lang._loop.errors == 0
+                assert lang.loop_errors == 0
         assert enc.allocator.wait_all_free(10)
-        assert enc._loop.errors == 0
+        assert enc.loop_errors == 0
 
 
 def test_a_request_from_a_callers_thread_never_overtakes_the_registration(monkeypatch):
@@ -237,7 +237,7 @@ def test_the_thread_in_wait_reads_its_answer_off_the_lane_itself():
             threading.Event().wait(0.01)
         assert rx3.poll() is Status.Success
         assert handled == [(lang._loop._thread.ident, 3)]
-        assert lang._loop.errors == 0
+        assert lang.loop_errors == 0
 
 
 @pytest.mark.timeout(30)

@@ -280,7 +280,7 @@ def test_bad_rooms_do_not_disturb_good_ones(pair, boot):
         ghost.wait(timeout=30)
     assert lang.allocator.wait_all_free(5)
     assert enc.allocator.wait_all_free(5)
-    assert enc._loop.errors == 0 and lang._loop.errors == 0
+    assert enc.loop_errors == 0 and lang.loop_errors == 0
 
 
 def test_schema_mismatch_refuses_the_session(boot):
@@ -428,7 +428,7 @@ def test_one_copy_path_buffer_commit_and_zero_copy_receive(boot, transport):
         assert enc.allocator.wait_all_free(5)
         # every write done on a worker thread was reported back: the encoder's
         # loop may busy-poll again (it does not while copies are in flight)
-        assert enc._writes_out == 0
+        assert enc.status()["writes_in_flight"] == 0
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

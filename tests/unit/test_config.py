@@ -154,13 +154,13 @@ def test_endpoint_kwargs_build_real_endpoints():
     ep = LanguageEndpoint(schema, **lang.endpoint_kwargs())
     try:
         assert (ep.num_blocks, ep.default_tokens, ep.bootstrap_timeout) == (16, 256, 7.0)
-        assert ep._loop.busy_poll == 0.0
+        assert ep.busy_poll_us == 0.0
     finally:
         ep.close()
     enc = EncoderEndpoint(schema, **load("encoder", {}, env=env).endpoint_kwargs())
     try:
         assert enc.transports == ("tcp",) and enc.bootstrap_timeout == 7.0
-        assert enc._loop.busy_poll == pytest.approx(400e-6)  # the default
+        assert enc.busy_poll_us == pytest.approx(400)  # the default
     finally:
         enc.close()
 

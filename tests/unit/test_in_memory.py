@@ -239,3 +239,29 @@ def test_the_data_plane_error_keeps_its_old_name() -> None:
     from embedlink.transports import TransportError as Old
 
     assert Old is DataPlaneError and issubclass(WriteOutOfBounds, DataPlaneError)
+
+
+def test_both_endpoints_share_one_lifecycle_and_report_it_publicly() -> None:
+    """EndpointBase: running before, during and after; start once; health and
+    status without reaching into the loop."""
+    with in_memory():
+        enc = EncoderEndpoint(SCHEMA, num_blocks=8, block_size=16, transports=("memory",))
+        lang = LanguageEndpoint(
+            SCHEMA, num_blocks=8, block_size=16, default_tokens=16, transports=("memory",)
+        )
+        try:
+            for ep, side in ((enc, "encoder"), (lang, "language")):
+                assert not ep.running and ep.metrics_address is None
+                with ep as same:
+                    assert same is ep and ep.running
+                    with pytest.raises(RuntimeError, match="already started"):
+                        ep.start()
+                    status = ep.status()
+                    assert status["side"] == side and status["loop_errors"] == ep.loop_errors == 0
+                    assert ep.pool_usage() == (0, 8) and ep.busy_poll_us == pytest.approx(400)
+                assert not ep.running
+                with pytest.raises(RuntimeError, match="closed"):
+                    ep.start()
+        finally:
+            lang.close()
+            enc.close()

@@ -123,16 +123,16 @@ def test_retry_drops_rooms_that_ended_and_remove_takes_one_out() -> None:
     assert grants.order == ["hog", "next"] and len(q) == 0
 
 
-def test_take_first_in_line_refuses_while_rooms_queue_or_were_handed_to_the_loop() -> None:
+def test_take_only_if_idle_refuses_while_rooms_queue_or_were_handed_to_the_loop() -> None:
     q, _ = queue(8, 1, handed=1)
-    assert q.take(4, first=True, first_in_line=True) is None  # a room handed earlier
-    assert q.take(4, first=True) is not None  # the loop itself may
+    assert q.take(4, resume=False, only_if_idle=True) is None  # a room handed earlier
+    assert q.take(4, resume=False) is not None  # the loop itself may
     q2, alloc2 = queue(2, 1)
     grants = Grants()
     q2.request("a", 4, resume=False, grant=grants)
     q2.request("b", 4, resume=False, grant=grants)  # queued: only the headroom is left
     alloc2.free(grants.got["a"])
-    assert q2.take(4, first=True, first_in_line=True) is None
+    assert q2.take(4, resume=False, only_if_idle=True) is None
 
 
 def test_a_zero_copy_first_reservation_leaves_room_to_grow_in_place() -> None:

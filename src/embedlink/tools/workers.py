@@ -216,7 +216,7 @@ def encoder_worker(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
                             ep.room_count(),
                             ep.sessions(),
                             vars(ep.stats).copy(),
-                            ep._loop.errors,
+                            ep.loop_errors,
                         )
                     )
                 else:
@@ -282,7 +282,7 @@ def language_worker(cfg: dict[str, Any], jobs: list[tuple[int, int]], out: Any) 
                 finish(*p)
             # blocks held for writes the encoder has not acknowledged yet come back shortly
             ep.allocator.wait_all_free(10.0)
-            out.put(("done", ep.pool_usage(), ep._loop.errors))
+            out.put(("done", ep.pool_usage(), ep.loop_errors))
     except Exception:
         out.put(("crashed", traceback.format_exc()))
 

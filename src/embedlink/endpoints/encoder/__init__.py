@@ -46,7 +46,7 @@ from ...observability.metrics import EndpointMetrics, MetricsExporter, rooms_by_
 from ...observability.noise import NoiseLog
 from ...protocol import AUX_FIELD, BufferSchema, RoomId, SenderRoom, SessionId
 from ...transports import get_backend
-from .._common import StepLock
+from .._common import EndpointBase, StepLock
 from .control import ControlLinks
 from .dispatch import Dispatcher
 from .early import EarlyRequests
@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 __all__ = ["EncoderEndpoint", "Sender"]
 
 
-class EncoderEndpoint:
+class EncoderEndpoint(EndpointBase):
     """The sending side of embedlink for one encoder rank.
 
     ``on_request(room)`` is called on the endpoint's loop thread (it must not
@@ -131,6 +131,7 @@ class EncoderEndpoint:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
         self.local_control = local_control
+        self.busy_poll_us = busy_poll_us
         self.room_ttl = room_ttl
         self._auth = Authenticator(auth_secret)
         self.metrics = EndpointMetrics(
@@ -243,18 +244,8 @@ class EncoderEndpoint:
         :meth:`close`. The registration is the one network call made on the
         caller's thread (bounded by the client's timeout): a bootstrap server
         that cannot be reached is an error at start-up, with everything
-        started closed again."""
-        if self._closed:
-            raise RuntimeError("the endpoint is closed; create a new one")
-        if self._started:
-            raise RuntimeError("the endpoint is already started")
-        self._started = True
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
+        started closed again. A control port in use is an OSError naming it."""
+        return self._start_once()
 
     def _start(self) -> None:
         self._loop.open()
@@ -306,12 +297,6 @@ class EncoderEndpoint:
         self._writes.clear_borrowed()  # the callers' arrays, no longer read
         self.allocator.wake()
 
-    def __enter__(self) -> EncoderEndpoint:
-        return self if self._started and not self._closed else self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- public API
 
     def sender(self, room: RoomId) -> Sender:
@@ -341,22 +326,9 @@ class EncoderEndpoint:
     def room_count(self) -> int:
         return len(self._rooms.live)
 
-    def pool_usage(self) -> tuple[int, int]:
-        """``(used, total)`` blocks."""
-        return self.allocator.num_used, self.num_blocks
-
     @property
-    def metrics_address(self) -> str | None:
-        """``host:port`` serving ``/metrics`` and ``/status`` (None without ``metrics_port``)."""
-        return None if self._exporter is None else self._exporter.address(self.advertise_host)
-
-    def status(self) -> dict[str, Any]:
-        """A JSON-ready snapshot: live rooms by status, pool use, peers, counters.
-
-        Taken on the loop thread, so it is consistent; what ``GET /status``
-        and ``embedlink status`` show.
-        """
-        return self._loop.call_wait(self._snapshot, timeout=5.0)  # type: ignore[no-any-return]
+    def _metrics_host(self) -> str:
+        return self.advertise_host
 
     def _snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -371,6 +343,7 @@ class EncoderEndpoint:
             "transports": list(self.transports),
             "rooms": rooms,
             "requests_without_sender": self._early.count(),
+            "writes_in_flight": self._writes.outstanding,
             "pool": pool_status(self.pool, self.allocator),
             "peers": self._sessions.describe(now, self._links.is_lane),
             "counters": vars(self.stats).copy(),
@@ -382,11 +355,6 @@ class EncoderEndpoint:
         return self._sessions.transports_by_session()
 
     # -- what tests and tools read, kept where the parts moved it
-
-    @property
-    def _writes_out(self) -> int:
-        """Writes on worker threads not yet reported back to the loop."""
-        return self._writes.outstanding
 
     @property
     def _ended(self) -> dict[SenderRoom, float]:

@@ -64,6 +64,7 @@ from ...protocol import (
     RoomId,
 )
 from ...transports import TransportServer, get_backend
+from .._common import EndpointBase, PayloadOpener, StepLock
 from .assembly import Assembler
 from .fastpath import FastPath
 from .links import EncoderLink, Fences, Links
@@ -77,7 +78,7 @@ log = logging.getLogger(__name__)
 __all__ = ["LanguageEndpoint", "Receiver", "route_for"]
 
 
-class LanguageEndpoint(Liveness):
+class LanguageEndpoint(EndpointBase, Liveness):
     """The receiving side of embedlink for one language (prefill) rank.
 
     ``zero_copy=True`` returns results as views into the pool (valid until
@@ -155,6 +156,7 @@ class LanguageEndpoint(Liveness):
         self.heartbeat_misses = heartbeat_misses
         #: reach encoders on this host over a Unix socket (``_lane``), not ZeroMQ
         self.local_control = local_control
+        self.busy_poll_us = busy_poll_us
         self.dead_encoders = 0
         #: Aborts sent again because no acknowledgement came (``_ask_again``)
         self.abort_repeats = 0
@@ -229,9 +231,9 @@ class LanguageEndpoint(Liveness):
             fail=self._abort_room,
             timeout=bootstrap_timeout or room_timeout,
         )
-        # Held while a room's state machine takes one event (_step): the loop
-        # and a user's thread in abort() may step the same room at once.
-        self._step_lock = threading.Lock()
+        # Held while a room's state machine takes one event (StepLock): the
+        # loop and a user's thread in abort() may step the same room at once.
+        self._step = StepLock()
         self._loop = Loop(
             f"embedlink-language-{tp_rank}", tick=self._tick, busy_poll=busy_poll_us / 1e6
         )
@@ -260,6 +262,14 @@ class LanguageEndpoint(Liveness):
         # each counted exactly and logged at most once per peer per interval
         self._noise = NoiseLog(log, "language")
         self._stale = NoiseLog(log, "language", level=logging.DEBUG)
+        self._opener: PayloadOpener[EncoderLink] = PayloadOpener(
+            self._auth,
+            side="language",
+            counters=self,
+            metrics=self.metrics,
+            noise=self._noise,
+            name=lambda enc: f"encoder {enc.address}",
+        )
         self._started = False
         self._closed = False
         self.dropped_messages = 0
@@ -272,28 +282,19 @@ class LanguageEndpoint(Liveness):
         ``metrics_port``) the metrics exporter. Once: RuntimeError when called
         again or after :meth:`close`. What was started is closed again when a
         part fails to start."""
-        if self._closed:
-            raise RuntimeError("the endpoint is closed; create a new one")
-        if self._started:
-            raise RuntimeError("the endpoint is already started")
-        self._started = True
-        try:
-            for b in self._backends:
-                server = b.server(
-                    self.pool, host=self.host, options=self.transport_options.get(b.name)
-                )
-                self._servers.append(server.start())
-            self._links.open()
-            self._loop.start()
-            self._resolver.start()
-            if self.metrics_port is not None:
-                self._exporter = MetricsExporter(
-                    self.metrics.registry, self.host, self.metrics_port, status=self.status
-                ).start()
-        except BaseException:
-            self.close()
-            raise
-        return self
+        return self._start_once()
+
+    def _start(self) -> None:
+        for b in self._backends:
+            server = b.server(self.pool, host=self.host, options=self.transport_options.get(b.name))
+            self._servers.append(server.start())
+        self._links.open()
+        self._loop.start()
+        self._resolver.start()
+        if self.metrics_port is not None:
+            self._exporter = MetricsExporter(
+                self.metrics.registry, self.host, self.metrics_port, status=self.status
+            ).start()
 
     def close(self) -> None:
         """End the open rooms (their encoders are told), stop the threads and
@@ -318,12 +319,6 @@ class LanguageEndpoint(Liveness):
             self._exporter.close()
         if self._shared is not None:
             self._shared.close()
-
-    def __enter__(self) -> LanguageEndpoint:
-        return self if self._started and not self._closed else self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- public API
 
@@ -409,17 +404,8 @@ class LanguageEndpoint(Liveness):
         return Receiver(self, live)
 
     @property
-    def metrics_address(self) -> str | None:
-        """``host:port`` serving ``/metrics`` and ``/status`` (None without ``metrics_port``)."""
-        return None if self._exporter is None else self._exporter.address(self.host)
-
-    def status(self) -> dict[str, Any]:
-        """A JSON-ready snapshot: live rooms by status, pool use, encoders, counters.
-
-        Taken on the loop thread, so it is consistent; what ``GET /status``
-        and ``embedlink status`` show.
-        """
-        return self._loop.call_wait(self._snapshot, timeout=5.0)  # type: ignore[no-any-return]
+    def _metrics_host(self) -> str:
+        return self.host
 
     def _snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -461,18 +447,8 @@ class LanguageEndpoint(Liveness):
             "loop_errors": self._loop.errors,
         }
 
-    def pool_usage(self) -> tuple[int, int]:
-        """``(used, total)`` blocks (blocks held for in-flight writes count as used)."""
-        return self.allocator.num_used, self.num_blocks
-
     def room_count(self) -> int:
         return len(self._rooms)
-
-    @property
-    def loop_errors(self) -> int:
-        """Exceptions the endpoint's loop caught in its own handlers (each
-        logged): 0 in a healthy endpoint; also ``status()["loop_errors"]``."""
-        return self._loop.errors
 
     def _serve_until_done(self, live: LiveRoom, timeout: float | None) -> None:
         self._fast.serve_until_done(live, timeout)

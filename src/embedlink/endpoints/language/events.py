@@ -17,8 +17,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
 
 from ..._runtime.auth import Authenticator
 from ..._runtime.loop import Loop
@@ -33,15 +31,14 @@ from ...protocol import (
     Harvest,
     Heartbeat,
     Register,
-    RemoteProtocolError,
     Reserve,
     RoomId,
     Send,
     Status,
     StatusChanged,
     StatusUpdate,
-    decode,
 )
+from .._common import PayloadOpener, StepLock
 from .assembly import Assembler
 from .fastpath import FastPath
 from .links import EncoderLink, Fences, Links
@@ -74,7 +71,8 @@ class RoomEvents:
     _auth: Authenticator
     _loop: Loop
     _lock: threading.Lock
-    _step_lock: threading.Lock
+    _step: StepLock
+    _opener: PayloadOpener[EncoderLink]
     _rooms: dict[RoomId, LiveRoom]
     _zombies: dict[tuple[RoomId, int], LiveRoom]
     _ended: dict[int, tuple[float, LiveRoom]]
@@ -89,14 +87,6 @@ class RoomEvents:
 
     def _register(self, enc: EncoderLink) -> Register:
         raise NotImplementedError  # the endpoint's
-
-    def _step(self, event: Callable[..., list[Action]], *args: Any) -> list[Action]:
-        """Feed one event to a room's state machine (``event`` is one of its
-        methods) and return the actions. Under the step lock: the loop and a
-        user's thread in :meth:`Receiver.abort` may step the same room at once.
-        The actions are carried out afterwards, outside the lock."""
-        with self._step_lock:
-            return event(*args)
 
     def _abort_now(self, live: LiveRoom, reason: str) -> None:
         """:meth:`Receiver.abort` on the caller's thread: the room is
@@ -210,20 +200,8 @@ class RoomEvents:
 
     def _on_payload(self, enc: EncoderLink, payload: bytes) -> None:
         """One control message from encoder ``enc`` (over ZeroMQ or a lane)."""
-        opened = self._auth.open(payload)
-        if opened is None:
-            self.unauthenticated_messages += 1
-            self.metrics.unauthenticated.labels("language").inc()
-            self._noise.note(
-                f"encoder {enc.address}", "unauthenticated", "missing or wrong authentication tag"
-            )
-            return
-        try:
-            msg = decode(opened)
-        except RemoteProtocolError as exc:
-            self.dropped_messages += 1
-            self.metrics.dropped.labels("language").inc()
-            self._noise.note(f"encoder {enc.address}", "malformed", str(exc))
+        msg = self._opener.open(payload, enc)
+        if msg is None:
             return
         now = time.monotonic()
         enc.last_seen = now
@@ -236,12 +214,8 @@ class RoomEvents:
                 self._links.send(enc, self._register(enc))
             return
         if not isinstance(msg, StatusUpdate | Abort):
-            self.dropped_messages += 1
-            self.metrics.dropped.labels("language").inc()
-            self._noise.note(
-                f"encoder {enc.address}",
-                "unexpected",
-                f"{type(msg).__name__} is not for a language rank",
+            self._opener.reject(
+                enc, "unexpected", f"{type(msg).__name__} is not for a language rank"
             )
             return
         live = self._zombies.get((msg.room, msg.epoch))

@@ -14,7 +14,7 @@ Two rules keep this safe:
 - First reservations are granted in the order ``receiver()`` was called. A
   room handed to the loop to start is counted (``handed``) until it reaches
   its first reservation; while any is, later rooms must not take blocks
-  from the caller's thread (:meth:`ReservationQueue.take`'s ``first_in_line``).
+  from the caller's thread (:meth:`ReservationQueue.take`'s ``only_if_idle``).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class FastPath:
             return True
         (reserve,) = acts
         assert isinstance(reserve, Reserve)
-        blocks = self._reservations.take(reserve.tokens, first=True, first_in_line=True)
+        blocks = self._reservations.take(reserve.tokens, resume=False, only_if_idle=True)
         if blocks is None:
             with self._lock:  # the loop starts it: later rooms wait behind it
                 live.handed = True

@@ -75,21 +75,21 @@ class ReservationQueue(Generic[T]):
     def queued(self, item: T) -> bool:
         return id(item) in self._queued
 
-    def take(self, tokens: int, *, first: bool, first_in_line: bool = False) -> list[int] | None:
+    def take(self, tokens: int, *, resume: bool, only_if_idle: bool = False) -> list[int] | None:
         """Blocks for ``tokens`` (fewer when the pool is short), or None. A
-        first reservation leaves ``resume_headroom`` blocks. Under the lock,
-        so the caller's fast start and the loop cannot both take the headroom;
-        ``first_in_line``: only if no room queues for blocks (nor was handed
-        to the loop to start)."""
+        room's first reservation (not a ``resume``) leaves ``resume_headroom``
+        blocks. Under the lock, so the caller's fast start and the loop cannot
+        both take the headroom; ``only_if_idle``: only if no room queues for
+        blocks (nor was handed to the loop to start)."""
         want = -(-tokens // self.block_size)
         with self._lock:
-            if first_in_line and (self.firsts or self.resumes or self._handed()):
+            if only_if_idle and (self.firsts or self.resumes or self._handed()):
                 return None
-            if first:
+            if not resume:
                 want = min(want, self.allocator.num_free - self.resume_headroom)
                 if want <= 0:
                     return None
-            return self.allocator.alloc_up_to(want, want if self.zero_copy and first else 0)
+            return self.allocator.alloc_up_to(want, want if self.zero_copy and not resume else 0)
 
     def request(
         self, item: T, tokens: int, *, resume: bool, grant: Callable[[T, list[int], int], None]
@@ -130,7 +130,7 @@ class ReservationQueue(Generic[T]):
     def _try(
         self, item: T, tokens: int, resume: bool, grant: Callable[[T, list[int], int], None]
     ) -> bool:
-        blocks = self.take(tokens, first=not resume)
+        blocks = self.take(tokens, resume=resume)
         if blocks is None:
             return False
         grant(item, blocks, tokens)
