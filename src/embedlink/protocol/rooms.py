@@ -11,6 +11,14 @@ finished, the clock moved, the user aborted) and returns a list of
 chunk, copy a chunk out, free or reserve blocks). "Now" is always passed in as a
 number; nothing here reads a clock, touches memory or a socket.
 
+Every input method starts the same way: it names its input (a
+:class:`~.inputs.SenderInput` / :class:`~.inputs.ReceiverInput`, from the
+room's fields and the input), looks up ``(status, input)`` in the side's input
+table (``inputs.py``) and dispatches on the rule's effect. So what an input may
+do is decided there, as data; the code here only carries it out. Our own
+caller's misuse raises :class:`~.errors.IllegalInput` before anything changes;
+the peer's never raises.
+
 Conversation for one destination (default reservation 1024, 2000 tokens)::
 
     ReceiverRoom                                  SenderRoom
