@@ -5,6 +5,8 @@ from embedlink.protocol import (
     Abort,
     Drop,
     FreeBlocks,
+    IllegalInput,
+    LocalProtocolError,
     PlanError,
     ReceiverRoom,
     Resume,
@@ -286,8 +288,10 @@ def test_deadline_fails_every_non_terminal_status(stage):
 def test_data_ready_twice_is_a_local_error():
     tx = SenderRoom(1, schema=SCHEMA, block_size=128, now=0, timeout=10)
     tx.data_ready(10, [0], 0)
-    with pytest.raises(PlanError):
-        tx.data_ready(10, [0], 0)
+    with pytest.raises(IllegalInput, match="data-ready-again") as err:
+        tx.data_ready(10, [1], 0)
+    assert isinstance(err.value, LocalProtocolError)
+    assert tx.src_blocks == (0,)
 
 
 def test_peer_dead_frees_receiver_blocks_even_mid_write():

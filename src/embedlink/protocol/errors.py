@@ -14,7 +14,9 @@ from .types import RoomId
 
 __all__ = [
     "EmbedlinkError",
+    "IllegalInput",
     "IllegalTransition",
+    "InvalidArgument",
     "LocalProtocolError",
     "PlanError",
     "RemoteProtocolError",
@@ -27,7 +29,12 @@ class EmbedlinkError(Exception):
 
 
 class LocalProtocolError(EmbedlinkError):
-    """We tried something the protocol forbids (a programming error)."""
+    """We tried something the protocol forbids (a programming error).
+
+    The one type for local misuse of the core: every subclass below means
+    the caller (an endpoint, a test, embedlink itself) broke a contract, never
+    that the peer did. The object it was raised on is left unchanged.
+    """
 
 
 class IllegalTransition(LocalProtocolError):
@@ -42,6 +49,33 @@ class IllegalTransition(LocalProtocolError):
         self.current = current
         self.proposed = proposed
         self.why = why
+
+
+class IllegalInput(LocalProtocolError):
+    """A room was fed an input its input table refuses for a local caller
+    (``rooms.py``'s ``SENDER_INPUTS`` / ``RECEIVER_INPUTS``: effect
+    ``raise-local`` or ``unreachable``).
+
+    Attributes ``state`` (the room's status), ``input`` (the input kind) and
+    ``why``; the room is left unchanged, and any blocks passed in stay the
+    caller's.
+    """
+
+    def __init__(self, state: object, input: object, why: str) -> None:
+        super().__init__(f"illegal input {input!s} in {state!s}: {why}")
+        self.state = state
+        self.input = input
+        self.why = why
+
+
+class InvalidArgument(LocalProtocolError, ValueError):
+    """A constructor or call of the core got an argument outside its contract
+    (a schema with no fields, a non-positive default reservation, ...).
+
+    Also a :class:`ValueError`, which is what these raised before the core had
+    one error type for local misuse; callers that catch ``ValueError`` still
+    do.
+    """
 
 
 class PlanError(LocalProtocolError):

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from .errors import InvalidArgument
+
 __all__ = [
     "AUX_DTYPE",
     "AUX_FIELD",
@@ -65,11 +67,12 @@ _DTYPES: Mapping[str, np.dtype[np.generic]] = {
 
 
 def resolve_dtype(name: str) -> np.dtype[np.generic]:
-    """Return the numpy dtype for a schema dtype name, or raise ValueError."""
+    """Return the numpy dtype for a schema dtype name, or raise :class:`InvalidArgument`
+    (a ``ValueError``)."""
     try:
         return _DTYPES[name]
     except KeyError:
-        raise ValueError(
+        raise InvalidArgument(
             f"unknown dtype {name!r}; expected one of {', '.join(sorted(_DTYPES))}"
         ) from None
 
@@ -84,9 +87,9 @@ class FieldSpec:
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.isidentifier() or self.name.startswith("__"):
-            raise ValueError(f"field name {self.name!r} must be a plain identifier")
+            raise InvalidArgument(f"field name {self.name!r} must be a plain identifier")
         if any((not isinstance(d, int)) or d <= 0 for d in self.shape):
-            raise ValueError(f"field {self.name!r}: shape {self.shape} must be positive ints")
+            raise InvalidArgument(f"field {self.name!r}: shape {self.shape} must be positive ints")
         resolve_dtype(self.dtype)
 
     # cached: the planner asks for them on every chunk of every room
@@ -121,7 +124,7 @@ class BufferSchema:
     ) -> None:
         if fields is None:
             if not isinstance(hidden_size, int) or hidden_size <= 0:
-                raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+                raise InvalidArgument(f"hidden_size must be a positive int, got {hidden_size!r}")
             specs = [
                 FieldSpec("embedding", (hidden_size,), dtype),
                 FieldSpec("token_ids", (), "int32"),
@@ -132,12 +135,12 @@ class BufferSchema:
         else:
             specs = list(fields)
             if extra_fields:
-                raise ValueError("give either fields or extra_fields, not both")
+                raise InvalidArgument("give either fields or extra_fields, not both")
         if not specs:
-            raise ValueError("a schema needs at least one field")
+            raise InvalidArgument("a schema needs at least one field")
         names = [f.name for f in specs]
         if len(set(names)) != len(names):
-            raise ValueError(f"duplicate field names in {names}")
+            raise InvalidArgument(f"duplicate field names in {names}")
         self.fields: tuple[FieldSpec, ...] = tuple(specs)
         self._by_name = {f.name: f for f in specs}
         self._token_bytes = sum(f.token_bytes for f in specs)
@@ -164,7 +167,8 @@ class BufferSchema:
 
     @classmethod
     def from_description(cls, desc: Iterable[tuple[str, list[int], str]]) -> BufferSchema:
-        """Inverse of :meth:`describe`; ValueError on anything malformed."""
+        """Inverse of :meth:`describe`; :class:`InvalidArgument` (a ``ValueError``)
+        on anything malformed."""
         return cls(fields=[FieldSpec(n, tuple(s), d) for n, s, d in desc])
 
     def __eq__(self, other: object) -> bool:

@@ -11,6 +11,14 @@ finished, the clock moved, the user aborted) and returns a list of
 chunk, copy a chunk out, free or reserve blocks). "Now" is always passed in as a
 number; nothing here reads a clock, touches memory or a socket.
 
+Every input method starts the same way: it names its input (a
+:class:`~.inputs.SenderInput` / :class:`~.inputs.ReceiverInput`, from the
+room's fields and the input), looks up ``(status, input)`` in the side's input
+table (``inputs.py``) and dispatches on the rule's effect. So what an input may
+do is decided there, as data; the code here only carries it out. Our own
+caller's misuse raises :class:`~.errors.IllegalInput` before anything changes;
+the peer's never raises.
+
 Conversation for one destination (default reservation 1024, 2000 tokens)::
 
     ReceiverRoom                                  SenderRoom
@@ -52,7 +60,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .errors import IllegalTransition, PlanError
+from .errors import IllegalInput, IllegalTransition, InvalidArgument, PlanError
+from .inputs import RECEIVER_INPUTS, SENDER_INPUTS, Effect, ReceiverInput, Rule, SenderInput
 from .layout import BufferSchema
 from .messages import MAX_META_BYTES, Abort, Message, Resume, StatusUpdate, TransferRequest
 from .planner import Plan, plan_chunk
@@ -185,6 +194,10 @@ class _Room:
         self.bootstrap_timeout = bootstrap_timeout
         self.deadline = now + self._window()
         self._history: list[tuple[Status, int]] = [(Status.Bootstrapping, 0)]
+        #: ``(status, input kind)`` of the last input taken, as looked up in the
+        #: side's input table (not updated by an input refused with
+        #: :class:`IllegalInput`); for logs and tests
+        self.last_input: tuple[Status, SenderInput | ReceiverInput] | None = None
 
     @property
     def history(self) -> list[tuple[Status, int]]:
@@ -197,6 +210,17 @@ class _Room:
 
     def _progress_tokens(self) -> int:
         raise NotImplementedError
+
+    def _look_up(self, rule: Rule, kind: SenderInput | ReceiverInput) -> Rule:
+        """Refuse ``kind`` when its rule says so (before anything changes), else
+        note it as the last input taken. Every input method starts here."""
+        if rule.effect is Effect.RAISE_LOCAL:
+            raise IllegalInput(self.status, kind, f"room {self.room}: {rule.why}")
+        if rule.effect is Effect.UNREACHABLE:
+            # Only our own bookkeeping can get here, so it is our error too.
+            raise IllegalInput(self.status, kind, f"room {self.room}: unreachable: {rule.why}")
+        self.last_input = (self.status, kind)
+        return rule
 
     def _window(self) -> float:
         """The deadline's distance from the last progress in the current status."""
@@ -289,54 +313,43 @@ class SenderRoom(_Room):
         return any(d.in_flight is not None for d in self.dsts.values())
 
     # -- inputs
+    #
+    # Each method names its input (a SenderInput, from the room's fields and
+    # the input, never from the status), looks up (status, input) in
+    # SENDER_INPUTS and dispatches on the rule's effect. What a rule allows is
+    # documented there; the comments here say only how it is carried out.
+
+    def _rule(self, kind: SenderInput) -> Rule:
+        return self._look_up(SENDER_INPUTS[(self.status, kind)], kind)
+
+    def _request_kind(self, req: TransferRequest) -> SenderInput:
+        known = self.dsts.get(req.session)
+        if known is not None:
+            if known.epoch == req.epoch:
+                return SenderInput.REQUEST_DUPLICATE
+            return SenderInput.REQUEST_REUSED
+        if self.required is not None and req.required_dst_info_num != self.required:
+            return SenderInput.REQUEST_MISMATCH
+        if self.required is not None and len(self.dsts) >= self.required:
+            return SenderInput.REQUEST_SURPLUS
+        return SenderInput.REQUEST
 
     def request(
         self, req: TransferRequest, now: float, *, dst_num_blocks: int | None = None
     ) -> list[Action]:
-        """A destination offers its first reservation for this room."""
+        """A destination offers its first reservation for this room.
+
+        Never raises: a request the room cannot take is dropped (a duplicate)
+        or refused with a ``Failed`` status to that destination only, and the
+        room is unchanged."""
+        kind = self._request_kind(req)
+        rule = self._rule(kind)
         out: list[Action] = []
-        known = self.dsts.get(req.session)
-        if known is not None:
-            if known.epoch == req.epoch:
-                out.append(Drop(f"room {self.room}: duplicate request from {req.session}"))
-            else:
-                out.append(
-                    self._refuse(
-                        req.session,
-                        req.epoch,
-                        f"room {self.room} already has a reservation from this "
-                        f"session (epoch {known.epoch}); the id is still in use",
-                    )
-                )
+        if rule.effect is Effect.IGNORE:
+            out.append(Drop(f"room {self.room}: duplicate request from {req.session}"))
             return out
-        if self.done:
-            out.append(
-                self._refuse(
-                    req.session,
-                    req.epoch,
-                    f"room {self.room} already ended {self.status}"
-                    + (f": {self.failure_reason}" if self.failure_reason else ""),
-                )
-            )
-            return out
-        if self.required is not None and req.required_dst_info_num != self.required:
-            out.append(
-                self._refuse(
-                    req.session,
-                    req.epoch,
-                    f"required_dst_info_num={req.required_dst_info_num} disagrees "
-                    f"with {self.required} from the other destinations",
-                )
-            )
-            return out
-        if self.required is not None and len(self.dsts) >= self.required:
-            out.append(
-                self._refuse(
-                    req.session,
-                    req.epoch,
-                    f"room {self.room} already has all {self.required} destinations",
-                )
-            )
+        if rule.effect is Effect.REFUSE_REMOTE:
+            out.append(self._refuse(req.session, req.epoch, self._refusal(kind, req)))
             return out
         self.required = req.required_dst_info_num
         self.dsts[req.session] = _Dst(
@@ -347,6 +360,24 @@ class SenderRoom(_Room):
         self._pump(now, out)
         return out
 
+    def _refusal(self, kind: SenderInput, req: TransferRequest) -> str:
+        """Why ``req`` is refused (the reason its destination reads)."""
+        if kind is SenderInput.REQUEST_REUSED:
+            return (
+                f"room {self.room} already has a reservation from this "
+                f"session (epoch {self.dsts[req.session].epoch}); the id is still in use"
+            )
+        if self.done:
+            return f"room {self.room} already ended {self.status}" + (
+                f": {self.failure_reason}" if self.failure_reason else ""
+            )
+        if kind is SenderInput.REQUEST_MISMATCH:
+            return (
+                f"required_dst_info_num={req.required_dst_info_num} disagrees "
+                f"with {self.required} from the other destinations"
+            )
+        return f"room {self.room} already has all {self.required} destinations"
+
     def data_ready(
         self,
         total_tokens: int,
@@ -355,47 +386,74 @@ class SenderRoom(_Room):
         meta: bytes | None = None,
     ) -> list[Action]:
         """The embedding (``total_tokens`` tokens) now sits in ``src_blocks``;
-        ``meta`` (at most :data:`MAX_META_BYTES`) goes with it."""
-        out: list[Action] = []
-        if self.total_tokens is not None:
-            raise PlanError(f"room {self.room}: data was already sent")
+        ``meta`` (at most :data:`MAX_META_BYTES`) goes with it.
+
+        Called at most once: a second call raises :class:`IllegalInput`; a
+        non-positive ``total_tokens`` or too much ``meta`` raises
+        :class:`PlanError`. Either leaves the room unchanged and the blocks the
+        caller's. After the room ended the blocks go back at once."""
+        kind = (
+            SenderInput.DATA_READY_AGAIN
+            if self.total_tokens is not None
+            else SenderInput.DATA_READY
+        )
+        rule = self._rule(kind)
         if total_tokens <= 0:
             raise PlanError(f"room {self.room}: an embedding needs at least one token")
         if meta is not None and len(meta) > MAX_META_BYTES:
             raise PlanError(f"room {self.room}: {len(meta)} bytes of meta exceed {MAX_META_BYTES}")
+        out: list[Action] = []
         self.total_tokens = total_tokens
         self.src_blocks = tuple(src_blocks)
         self.meta = meta
-        if self.done:  # aborted or failed before the data came: nothing will use it
+        if rule.effect is Effect.IGNORE:
             self._free_src(out)
             return out
         self.deadline = now + self._window()
         self._pump(now, out)
         return out
 
-    def resume(self, msg: Resume, now: float) -> list[Action]:
-        """A destination holds ``msg.sent_tokens`` and offers fresh blocks."""
-        out: list[Action] = []
+    def _resume_kind(self, msg: Resume) -> SenderInput:
         d = self.dsts.get(msg.session)
         if d is None or d.epoch != msg.epoch:
-            out.append(Drop(f"room {self.room}: resume for an unknown destination or old epoch"))
-            return out
-        if self.done:
-            out.append(Drop(f"room {self.room}: resume after the room ended {self.status}"))
-            return out
+            return SenderInput.RESUME_STALE
         if msg.sent_tokens in d.served:
-            out.append(Drop(f"room {self.room}: duplicate resume at sent_tokens={msg.sent_tokens}"))
+            return SenderInput.RESUME_DUPLICATE
+        # sent_tokens < 1 never decodes; a resume is recognised by sent_tokens > 0
+        if d.in_flight is not None or msg.sent_tokens != d.delivered or msg.sent_tokens < 1:
+            return SenderInput.RESUME_MISMATCH
+        if self.total_tokens is not None and d.delivered >= self.total_tokens:
+            return SenderInput.RESUME_EXHAUSTED
+        return SenderInput.RESUME
+
+    def resume(self, msg: Resume, now: float) -> list[Action]:
+        """A destination holds ``msg.sent_tokens`` and offers fresh blocks.
+
+        Never raises. A resume that does not match what was delivered to that
+        destination fails the room (a protocol error); stale, repeated or
+        late ones are dropped."""
+        kind = self._resume_kind(msg)
+        rule = self._rule(kind)
+        out: list[Action] = []
+        if rule.effect is Effect.IGNORE:
+            if kind is SenderInput.RESUME_STALE:
+                why = "resume for an unknown destination or old epoch"
+            elif self.done:
+                why = f"resume after the room ended {self.status}"
+            elif kind is SenderInput.RESUME_DUPLICATE:
+                why = f"duplicate resume at sent_tokens={msg.sent_tokens}"
+            else:
+                why = "resume with nothing left to send"
+            out.append(Drop(f"room {self.room}: {why}"))
             return out
-        if d.in_flight is not None or msg.sent_tokens != d.delivered:
+        d = self.dsts[msg.session]
+        if rule.effect is Effect.REFUSE_REMOTE:
             self._fail(
                 f"protocol error: resume at sent_tokens={msg.sent_tokens} but "
                 f"{d.delivered} tokens were delivered to {msg.session}",
                 now,
                 out,
             )
-            return out
-        if self.total_tokens is not None and d.delivered >= self.total_tokens:
-            out.append(Drop(f"room {self.room}: resume with nothing left to send"))
             return out
         d.served.add(msg.sent_tokens)
         d.blocks = tuple(msg.dst_blocks)
@@ -407,24 +465,34 @@ class SenderRoom(_Room):
     def write_done(
         self, dst: SessionId, ok: bool, now: float, reason: str | None = None
     ) -> list[Action]:
-        """The transport finished the :class:`WriteChunk` for ``dst``."""
-        out: list[Action] = []
+        """The transport finished the :class:`WriteChunk` for ``dst``.
+
+        Report each write exactly once. A report for no write in flight (one
+        :meth:`peer_dead` wrote off) is dropped."""
         d = self.dsts.get(dst)
+        if d is None or d.in_flight is None:
+            kind = SenderInput.WRITE_NONE
+        else:
+            kind = SenderInput.WRITE_OK if ok else SenderInput.WRITE_FAILED
+        rule = self._rule(kind)
+        out: list[Action] = []
         if d is None or d.in_flight is None:
             out.append(Drop(f"room {self.room}: completion for no write in flight to {dst}"))
             return out
+        total = self.total_tokens
+        if total is None:  # a write is only ever planned from the data
+            raise IllegalInput(self.status, kind, f"room {self.room}: a write without data")
         plan, d.in_flight = d.in_flight, None
-        if self.done:  # aborted or timed out meanwhile: now the blocks are quiet
+        if rule.effect is Effect.IGNORE:  # aborted or timed out meanwhile: now the blocks are quiet
             self._flush_notify(dst, d, out)
             self._free_src_if_quiet(out)
             return out
-        if not ok:
+        if kind is SenderInput.WRITE_FAILED:
             self._fail(f"write to {dst} failed: {reason or 'unknown error'}", now, out)
             return out
         d.delivered = plan.end_token
-        assert self.total_tokens is not None
         if all(x.delivered > 0 for x in self.dsts.values()):
-            complete = all(x.delivered == self.total_tokens for x in self.dsts.values())
+            complete = all(x.delivered == total for x in self.dsts.values())
             self._move(Status.Success if complete else Status.Transferring, now, out)
         else:
             self.deadline = now + self._window()
@@ -436,7 +504,7 @@ class SenderRoom(_Room):
                     epoch=d.epoch,
                     status=dst_status,
                     sent_tokens=d.delivered,
-                    total_tokens=self.total_tokens,
+                    total_tokens=total,
                     # with the first chunk, which every destination gets
                     meta=self.meta if plan.start_token == 0 else None,
                 ),
@@ -448,23 +516,36 @@ class SenderRoom(_Room):
         return out
 
     def abort(self, now: float, reason: str = "aborted by sender") -> list[Action]:
-        """The local user gives up on the room; destinations are told."""
+        """The local user gives up on the room; destinations are told.
+
+        May be called any time; after the room ended it returns no actions
+        (endpoints read that as "it had ended already")."""
+        rule = self._rule(SenderInput.ABORT)
         out: list[Action] = []
-        if not self.done:
+        if rule.effect is Effect.HANDLE:
             self._fail(reason, now, out, notify=Abort)
         return out
+
+    def _peer_abort_kind(self, msg: Abort) -> SenderInput:
+        d = self.dsts.get(msg.session)
+        if d is None:
+            missing = self.required is None or len(self.dsts) < self.required
+            return SenderInput.PEER_ABORT_EARLY if missing else SenderInput.PEER_ABORT_STRANGER
+        if d.epoch != msg.epoch:
+            return SenderInput.PEER_ABORT_STALE
+        return SenderInput.PEER_ABORT
 
     def peer_abort(self, msg: Abort, now: float) -> list[Action]:
         """A destination gave up; the room fails and the others are told.
 
         A destination that gave up before its request arrived is not among
         ``dsts`` yet; its abort still fails the room while destinations are
-        missing (nobody else could complete it)."""
+        missing (nobody else could complete it). Never raises."""
+        kind = self._peer_abort_kind(msg)
+        rule = self._rule(kind)
         out: list[Action] = []
-        d = self.dsts.get(msg.session)
-        if d is None:
-            missing = self.required is None or len(self.dsts) < self.required
-            if missing and not self.done:
+        if kind in (SenderInput.PEER_ABORT_EARLY, SenderInput.PEER_ABORT_STRANGER):
+            if rule.effect is Effect.HANDLE:
                 self._fail(f"aborted by peer: {msg.reason}", now, out)
             # Its request never reached us, so nothing of ours is in flight to
             # it: acknowledge, or it keeps the blocks it offered until this
@@ -483,10 +564,11 @@ class SenderRoom(_Room):
                 )
             )
             return out
-        if d.epoch != msg.epoch:
+        if kind is SenderInput.PEER_ABORT_STALE:
             out.append(Drop(f"room {self.room}: abort for an old epoch"))
             return out
-        if not self.done:
+        d = self.dsts[msg.session]
+        if rule.effect is Effect.HANDLE:
             self._fail(f"aborted by peer: {msg.reason}", now, out)
         elif d.in_flight is None:
             # Already ended: still acknowledge, so the destination can free its blocks.
@@ -494,24 +576,29 @@ class SenderRoom(_Room):
         return out
 
     def peer_dead(self, session: SessionId, now: float, reason: str) -> list[Action]:
-        """Destination ``session`` is gone; any write to it will never finish."""
-        out: list[Action] = []
+        """Destination ``session`` is gone; any write to it will never finish.
+
+        Never raises; a session that is not a destination changes nothing."""
         d = self.dsts.get(session)
+        rule = self._rule(SenderInput.PEER_DEAD_OTHER if d is None else SenderInput.PEER_DEAD)
+        out: list[Action] = []
         if d is None:
             return out
         if d.in_flight is not None:
             d.in_flight = None  # the transport reports the failure too; nothing lands anymore
         d.notify = None
-        if not self.done:
+        if rule.effect is Effect.HANDLE:
             self._fail(f"destination {session} lost: {reason}", now, out, skip=session)
         self._free_src_if_quiet(out)
         return out
 
     def tick(self, now: float) -> list[Action]:
         """The clock moved; fail the room when its deadline has passed."""
+        expired = now >= self.deadline
+        rule = self._rule(SenderInput.TICK_EXPIRED if expired else SenderInput.TICK)
         out: list[Action] = []
         why = self._timed_out(now)
-        if why is not None:
+        if rule.effect is Effect.HANDLE and why is not None:
             self._fail(why, now, out)
         return out
 
@@ -644,7 +731,7 @@ class ReceiverRoom(_Room):
     ) -> None:
         super().__init__(room, now, timeout, bootstrap_timeout)
         if default_tokens <= 0:
-            raise ValueError(f"default_tokens must be positive, got {default_tokens}")
+            raise InvalidArgument(f"default_tokens must be positive, got {default_tokens}")
         self.session = session
         self.epoch = epoch
         self.block_size = block_size
@@ -678,26 +765,47 @@ class ReceiverRoom(_Room):
     def holds_blocks(self) -> bool:
         return self.blocks is not None
 
+    # -- inputs
+    #
+    # As on the sending side: name the input (a ReceiverInput), look up
+    # (status, input) in RECEIVER_INPUTS, dispatch on the rule's effect.
+
+    def _rule(self, kind: ReceiverInput) -> Rule:
+        return self._look_up(RECEIVER_INPUTS[(self.status, kind)], kind)
+
     def start(self, now: float, required_dst_info_num: int | None = None) -> list[Action]:
-        """Ask for the first reservation (``default_tokens``). Called once.
-        ``required_dst_info_num``, when given, replaces the constructor's (it
-        may be known only once the encoder has been looked up)."""
+        """Ask for the first reservation (``default_tokens``). ``required_dst_info_num``,
+        when given, replaces the constructor's (it may be known only once the
+        encoder has been looked up); below 1 it raises :class:`InvalidArgument`.
+
+        Called once, or again while its :class:`Reserve` is outstanding (which
+        asks again). Once the reservation was granted it raises
+        :class:`IllegalInput`; after the room ended it returns no actions."""
+        if required_dst_info_num is not None and required_dst_info_num < 1:
+            raise InvalidArgument(
+                f"required_dst_info_num must be at least 1, got {required_dst_info_num}"
+            )
+        rule = self._rule(ReceiverInput.START)
         if required_dst_info_num is not None:
-            if required_dst_info_num < 1:
-                raise ValueError(
-                    f"required_dst_info_num must be at least 1, got {required_dst_info_num}"
-                )
             self.required = required_dst_info_num
-        if self.done:
+        if rule.effect is Effect.IGNORE:
             return []
         self._want = self.default_tokens
         return [Reserve(self.default_tokens)]
 
     def reserved(self, blocks: Sequence[BlockId], tokens: int, now: float) -> list[Action]:
-        """The pool granted ``blocks`` holding up to ``tokens`` tokens."""
-        out: list[Action] = []
+        """The pool granted ``blocks`` holding up to ``tokens`` tokens, for the
+        outstanding :class:`Reserve`.
+
+        With no :class:`Reserve` outstanding it raises :class:`IllegalInput`
+        and :class:`PlanError` when ``tokens`` do not fit the blocks (the blocks
+        stay the caller's, the room unchanged). After the room ended the blocks
+        go back (:class:`FreeBlocks`): the grant raced an abort."""
         blocks = tuple(blocks)
-        if self._want is None or self.done or self.blocks is not None:
+        unasked = self._want is None or self.blocks is not None
+        rule = self._rule(ReceiverInput.RESERVED_UNASKED if unasked else ReceiverInput.RESERVED)
+        out: list[Action] = []
+        if rule.effect is Effect.IGNORE:
             out.append(FreeBlocks(blocks))
             return out
         if not 0 < tokens <= len(blocks) * self.block_size:
@@ -736,31 +844,53 @@ class ReceiverRoom(_Room):
             self.deadline = now + self._window()
         return out
 
-    def status_update(self, msg: StatusUpdate, now: float) -> list[Action]:
-        """The encoder reports on this room (after each chunk, or a failure)."""
-        out: list[Action] = []
+    def _status_kind(self, msg: StatusUpdate) -> tuple[ReceiverInput, str | None]:
+        """The input kind of ``msg`` and, for :attr:`ReceiverInput.CHUNK_BAD`,
+        what is wrong with the chunk."""
         if msg.epoch != self.epoch:
+            return ReceiverInput.STATUS_STALE, None
+        if msg.status is Status.Failed:
+            return ReceiverInput.STATUS_FAILED, None
+        if msg.status not in (Status.Transferring, Status.Success):
+            return ReceiverInput.STATUS_BOGUS, None
+        if msg.sent_tokens <= self.delivered:
+            return ReceiverInput.STATUS_OLD, None
+        problem = self._check_chunk(msg)
+        if problem is not None:
+            return ReceiverInput.CHUNK_BAD, problem
+        if msg.status is Status.Success:
+            return ReceiverInput.CHUNK_LAST, None
+        return ReceiverInput.CHUNK_PARTIAL, None
+
+    def status_update(self, msg: StatusUpdate, now: float) -> list[Action]:
+        """The encoder reports on this room (after each chunk, or a failure).
+
+        Never raises: a report that cannot be right fails the room and tells
+        the encoder; stale and old ones are dropped."""
+        kind, problem = self._status_kind(msg)
+        rule = self._rule(kind)
+        out: list[Action] = []
+        if kind is ReceiverInput.STATUS_STALE:
             out.append(
                 Drop(f"room {self.room}: status for epoch {msg.epoch}, expected {self.epoch}")
             )
             return out
-        if self.done:
+        if rule.effect is Effect.IGNORE and self.done:
             # Any status for our epoch means no write is in flight any more.
             out.append(Drop(f"room {self.room}: status {msg.status} after the room ended"))
             self._release(out)
             return out
-        if msg.status is Status.Failed:
+        if kind is ReceiverInput.STATUS_FAILED:
             self._release(out)
             self._move(Status.Failed, now, out, msg.reason or "failed by sender")
             return out
-        if msg.status not in (Status.Transferring, Status.Success):
+        if kind is ReceiverInput.STATUS_BOGUS:
             out.append(Drop(f"room {self.room}: unexpected status {msg.status} from the encoder"))
             return out
-        if msg.sent_tokens <= self.delivered:
+        if kind is ReceiverInput.STATUS_OLD:
             out.append(Drop(f"room {self.room}: old status at sent_tokens={msg.sent_tokens}"))
             return out
-        problem = self._check_chunk(msg)
-        if problem is not None:
+        if kind is ReceiverInput.CHUNK_BAD:
             self._release(out)
             self._move(Status.Failed, now, out, f"protocol error: {problem}")
             out.append(
@@ -774,7 +904,9 @@ class ReceiverRoom(_Room):
                 )
             )
             return out
-        assert self.blocks is not None
+        blocks = self.blocks
+        if blocks is None:  # _check_chunk refused a chunk with no reservation
+            raise IllegalInput(self.status, kind, f"room {self.room}: a chunk without blocks")
         count = msg.sent_tokens - self.delivered
         first = self.delivered == 0
         self.total_tokens = msg.total_tokens
@@ -785,15 +917,15 @@ class ReceiverRoom(_Room):
                 start_token=self.delivered,
                 count=count,
                 total_tokens=msg.total_tokens,
-                runs=block_runs(self.block_size, self.blocks, count),
+                runs=block_runs(self.block_size, blocks, count),
                 first=first,
-                aux_block=self._aux_block if self._aux_block is not None else self.blocks[0],
-                blocks=self.blocks,
+                aux_block=self._aux_block if self._aux_block is not None else blocks[0],
+                blocks=blocks,
             )
         )
         self._release(out)
         self.delivered = msg.sent_tokens
-        if self.delivered == msg.total_tokens:
+        if kind is ReceiverInput.CHUNK_LAST:
             self._move(Status.Success, now, out)
         else:
             self._move(Status.Transferring, now, out)
@@ -802,58 +934,75 @@ class ReceiverRoom(_Room):
         return out
 
     def peer_abort(self, msg: Abort, now: float) -> list[Action]:
-        """The encoder abandoned the room (it has nothing in flight to us)."""
+        """The encoder abandoned the room (it has nothing in flight to us).
+        Never raises."""
+        stale = msg.epoch != self.epoch
+        rule = self._rule(ReceiverInput.PEER_ABORT_STALE if stale else ReceiverInput.PEER_ABORT)
         out: list[Action] = []
-        if msg.epoch != self.epoch:
+        if stale:
             out.append(
                 Drop(f"room {self.room}: abort for epoch {msg.epoch}, expected {self.epoch}")
             )
             return out
         self._release(out)
-        if not self.done:
+        if rule.effect is Effect.HANDLE:
             self._move(Status.Failed, now, out, f"aborted by peer: {msg.reason}")
         return out
 
     def abort(self, now: float, reason: str = "aborted by receiver") -> list[Action]:
         """Give up. The encoder is told; an outstanding reservation is kept
-        until the encoder acknowledges, because a write may still be landing."""
+        until the encoder acknowledges, because a write may still be landing.
+        May be called any time; after the room ended it returns no actions."""
+        rule = self._rule(ReceiverInput.ABORT)
         out: list[Action] = []
-        if self.done:
-            return out
-        self._give_up(reason, now, out)
+        if rule.effect is Effect.HANDLE:
+            self._give_up(reason, now, out)
         return out
 
     def peer_dead(self, now: float, reason: str) -> list[Action]:
         """The encoder is gone and nothing more will land in our blocks:
-        :meth:`peer_lost` and :meth:`settled` at once."""
-        out = self.peer_lost(now, reason)
-        out.extend(self.settled())
+        :meth:`peer_lost` and :meth:`settled` at once. Never raises."""
+        rule = self._rule(ReceiverInput.PEER_DEAD)
+        out: list[Action] = []
+        self._lose(rule, now, reason, out)
+        self._release(out)
         return out
 
     def peer_lost(self, now: float, reason: str) -> list[Action]:
         """The encoder is gone (declared dead), but a write of its may still be
         on its way: the room fails now, and blocks already offered to the
-        encoder are kept until :meth:`settled`."""
+        encoder are kept until :meth:`settled`. Never raises."""
+        rule = self._rule(ReceiverInput.PEER_LOST)
         out: list[Action] = []
+        self._lose(rule, now, reason, out)
+        return out
+
+    def _lose(self, rule: Rule, now: float, reason: str, out: list[Action]) -> None:
         self._want = None
-        if not self.done:
+        if rule.effect is Effect.HANDLE:
             self._move(Status.Failed, now, out, f"encoder lost: {reason}")
         if not self._offered:
             self._release(out)
-        return out
 
     def settled(self) -> list[Action]:
         """Nothing the encoder wrote can land any more (its data-plane link
-        was fenced, or its grace period passed): offered blocks come back."""
+        was fenced, or its grace period passed): offered blocks come back.
+
+        Only after :meth:`peer_lost` (or once the room ended otherwise): on a
+        live room it raises :class:`IllegalInput`, since the encoder may still
+        write into the blocks it was offered."""
+        self._rule(ReceiverInput.SETTLED)
         out: list[Action] = []
         self._release(out)
         return out
 
     def tick(self, now: float) -> list[Action]:
         """The clock moved; give up when the deadline has passed."""
+        expired = now >= self.deadline
+        rule = self._rule(ReceiverInput.TICK_EXPIRED if expired else ReceiverInput.TICK)
         out: list[Action] = []
         why = self._timed_out(now)
-        if why is not None:
+        if rule.effect is Effect.HANDLE and why is not None:
             self._give_up(why, now, out)
         return out
 

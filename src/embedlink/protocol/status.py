@@ -20,12 +20,13 @@ that only moves forward::
 
 Two rules, after h11's ``_state.py``:
 
-1. Everything that decides whether a status may change lives in this file, as
-   data (:data:`TRANSITIONS`), so a test can walk every pair and a document can
-   be generated from it.
+1. Everything that decides whether a status move is legal lives in this file,
+   as data (:data:`TRANSITIONS`), so a test can walk every pair and a document
+   can be generated from it. Which *inputs* a room takes in each status, and
+   where they may lead, is the other table, in ``inputs.py``.
 2. This file does not know which side (encoder or language) it serves, nor why
-   a status is proposed. ``rooms.py`` decides *what* to propose; this file
-   decides whether the move is legal.
+   a status is proposed. ``rooms.py`` decides *what* to propose (as its input
+   table allows); this file decides whether the move is legal.
 
 The rules are the seed document's (``status-fix-summary.zh.md``), made exact:
 a status never goes backwards (the old bug reset a resumed room to

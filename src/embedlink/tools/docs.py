@@ -1,12 +1,27 @@
 """Generates ``docs/protocol.md`` from the code: the state diagram from the
-transition table, every message's fields from the msgspec structs. A test fails
+transition table, what each room does with each input from the input tables,
+every message's fields from the msgspec structs. A test fails
 when the checked-in document is stale (``python scripts/gen_docs.py``)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
 import msgspec.inspect as mi
 
-from ..protocol import PROTOCOL_VERSION, TRANSITIONS, Move, Status
+from ..protocol import (
+    PROTOCOL_VERSION,
+    RECEIVER_INPUTS,
+    SENDER_INPUTS,
+    TRANSITIONS,
+    Effect,
+    Move,
+    ReceiverInput,
+    Rule,
+    SenderInput,
+    Status,
+)
 from ..protocol.messages import _TYPES
 
 __all__ = ["render_configuration_md", "render_protocol_md"]
@@ -59,6 +74,38 @@ def _table() -> list[str]:
     return lines
 
 
+def _input_cell(status: Status, rule: Rule) -> str:
+    if rule.effect is Effect.UNREACHABLE:
+        return "—"
+    effect = str(rule.effect.value)
+    moves = ", ".join(s.name for s in sorted(rule.next - {status}))
+    if status not in rule.next:
+        return f"{effect} → {moves}"
+    return effect + (f": stays or → {moves}" if moves else "")
+
+
+_K = TypeVar("_K", SenderInput, ReceiverInput)
+
+
+def _input_table(table: Mapping[tuple[Status, _K], Rule], kinds: type[_K]) -> list[str]:
+    """The table, then each input's reasons (statuses sharing one reason merged)."""
+    names = [s.name for s in Status]
+    lines = ["| input \\ status | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for kind in kinds:
+        row = [_input_cell(s, table[(s, kind)]) for s in Status]
+        lines.append(f"| `{kind.value}` | " + " | ".join(row) + " |")
+    lines.append("")
+    for kind in kinds:
+        whys: dict[str, list[str]] = {}
+        for s in Status:
+            rule = table[(s, kind)]
+            why = ("unreachable: " if rule.effect is Effect.UNREACHABLE else "") + rule.why
+            whys.setdefault(why, []).append(s.name)
+        said = "; ".join(f"{why} ({', '.join(where)})" for why, where in whys.items())
+        lines.append(f"- `{kind.value}`: {said}")
+    return lines
+
+
 def _messages() -> list[str]:
     out: list[str] = []
     for kind, cls in _TYPES.items():
@@ -101,6 +148,26 @@ def render_protocol_md() -> str:
         "A status never goes backwards; `Success` and `Failed` are terminal; `Failed`",
         "always carries a reason. A resume keeps the status at `Transferring`: the",
         "`sent_tokens` in each `StatusUpdate` tells chunks apart.",
+        "",
+        "## What each room does with each input",
+        "",
+        "Every input a room takes is looked up, with the room's status, in its side's",
+        "input table (`SENDER_INPUTS`, `RECEIVER_INPUTS` in `protocol/inputs.py`) before",
+        "anything changes. An input is a room method, told apart by how it relates to",
+        "the room (a resume already served, the last chunk, ...). Effects: `handle`: applied,",
+        "the status moves as shown; `ignore`: the status stays (a duplicate, a stale or",
+        "late input; blocks it brought go back); `refuse-remote`: the peer's input is",
+        "illegal, so it is dropped, refused with `Failed`, or fails the room (never an",
+        "exception); `raise-local`: our own caller's mistake, `IllegalInput` (a",
+        "`LocalProtocolError`) and nothing changes; —: no sequence of calls gets there.",
+        "",
+        "### Sending room (encoder)",
+        "",
+        *_input_table(SENDER_INPUTS, SenderInput),
+        "",
+        "### Receiving room (language rank)",
+        "",
+        *_input_table(RECEIVER_INPUTS, ReceiverInput),
         "",
         "## A resumed transfer",
         "",
