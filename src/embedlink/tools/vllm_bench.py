@@ -294,6 +294,16 @@ def _fill(slot: Any, base: Any, k: int) -> None:
     slot[rows - s :].copy_(base[:s])
 
 
+def _storage_uses(torch: Any, t: Any) -> int:
+    """How many references the storage under ``t`` has (``t`` itself and the
+    storage object made to ask count two); 0 where torch cannot say, and
+    then the tensor's own reference count decides alone."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return 0
+    return int(use_count(t.untyped_storage()._cdata))
+
+
 def _verify(t: Any, base: Any, k: int) -> str | None:
     """None when ``t`` is byte for byte item ``k``, else what differs."""
     import torch
@@ -380,12 +390,15 @@ class _Runner:
         self.v2 = ActiveECConnector(vllm_config, self.cache) if runner == "v2" else None
         self.base: Any = None
         self.slots: list[Any] = []
+        #: output buffers made in the timed part because every slot was held
+        self.grown = 0
         self.seen: set[str] = set()
 
     def prepare(self, rows: int, width: int, dtype: str, seed: int, n_slots: int) -> None:
         import torch
 
         self.cache.clear()
+        self.grown = 0
         self.base = _make_base(rows, width, dtype, seed)
         # the encoder's output buffers, written once so that no page faults
         # in the timed part (as a long-running runner's memory)
@@ -449,12 +462,32 @@ class _Runner:
             if why is not None:
                 bad[ident] = f"received tensor differs from the one sent: {why}"
 
+    def _free_slot(self) -> Any:
+        """An output buffer nothing else holds, as a runner's allocator would
+        hand out: a slot still referenced (by an encoder-cache entry, or by a
+        connector still sending it) is not written over; when every slot is
+        held, a new one is made. Writing into a held slot would change a
+        tensor a connector is still reading (vLLM never rewrites a cached
+        encoder output)."""
+        import torch
+
+        for slot in self.slots:
+            # this list, the loop variable and getrefcount's argument hold
+            # the tensor; a view of it (a torch slice) holds its storage
+            if sys.getrefcount(slot) <= 3 and _storage_uses(torch, slot) <= 2:
+                return slot
+        slot = torch.empty_like(self.base)
+        slot.copy_(self.base)
+        self.slots.append(slot)
+        self.grown += 1
+        return slot
+
     def _encode(
         self, encode: Sequence[str], saved: dict[str, int], save: Callable[[str], None] | None
     ) -> None:
         for ident in encode:
             k = _index(ident)
-            slot = self.slots[k % len(self.slots)]
+            slot = self._free_slot()
             _fill(slot, self.base, k)  # the audio tower computing the output
             saved[ident] = time.monotonic_ns()
             self.cache[ident] = slot  # _cache_encoder_output, then the save hook
