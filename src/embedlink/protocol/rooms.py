@@ -125,8 +125,9 @@ class Reserve:
 class Harvest:
     """Copy tokens ``[start_token, start_token + count)`` of the embedding out of
     the local pool into the request's own memory. ``runs`` lists
-    ``(pool_token, count)`` pieces in order; when ``first`` the aux record in the
-    slot of ``aux_block`` belongs to the request too. ``blocks`` is the
+    ``(pool_token, count)`` pieces in order; ``with_aux`` (the room's first
+    chunk) when the aux record in the slot of ``aux_block`` belongs to the
+    request too. ``blocks`` is the
     reservation the chunk arrived in (freed by the :class:`FreeBlocks` that
     follows)."""
 
@@ -134,7 +135,7 @@ class Harvest:
     count: int
     total_tokens: int
     runs: tuple[tuple[int, int], ...]
-    first: bool
+    with_aux: bool
     aux_block: BlockId
     blocks: tuple[BlockId, ...] = ()
 
@@ -918,7 +919,7 @@ class ReceiverRoom(_Room):
                 count=count,
                 total_tokens=msg.total_tokens,
                 runs=block_runs(self.block_size, blocks, count),
-                first=first,
+                with_aux=first,
                 aux_block=self._aux_block if self._aux_block is not None else blocks[0],
                 blocks=blocks,
             )

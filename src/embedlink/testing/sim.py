@@ -263,7 +263,7 @@ class Link:
                 d.result[f.name] = np.zeros((h.total_tokens, *f.shape), dtype=f.np_dtype)
         for f in self.schema.fields:
             d.ep.pool.gather(h.runs, f.name, d.result[f.name], h.start_token)
-        if h.first:
+        if h.with_aux:
             d.aux = d.ep.pool.read_aux(h.aux_block)
 
     # -- inspection

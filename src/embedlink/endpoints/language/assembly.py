@@ -57,7 +57,7 @@ class Assembler:
             return
         if (
             self.zero_copy
-            and h.first
+            and h.with_aux
             and h.count < h.total_tokens
             and len(h.runs) == 1
             and h.blocks
@@ -66,7 +66,7 @@ class Assembler:
             return
         if (
             self.zero_copy
-            and h.first
+            and h.with_aux
             and h.count == h.total_tokens
             and len(h.runs) == 1
             and h.blocks
@@ -83,7 +83,7 @@ class Assembler:
         for f in self.schema.fields:
             self.pool.gather(h.runs, f.name, live.result[f.name], h.start_token)
         self.pool.synchronize()
-        if h.first:
+        if h.with_aux:
             live.aux = self.pool.read_aux(h.aux_block)
 
     def _assemble_in_pool(self, live: LiveRoom, h: Harvest) -> bool:
