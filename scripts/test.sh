@@ -9,6 +9,7 @@ echo "== import-linter (the protocol core stays pure)"
 lint-imports
 echo "== ruff"
 ruff check src tests
+ruff format --check src tests benchmarks scripts
 echo "== mypy --strict"
 mypy
 echo "== pytest"

@@ -48,7 +48,14 @@ def test_cli_demo_verifies_every_request(transport):
 
 def test_cli_demo_rejects_bad_flags():
     p = run(
-        sys.executable, "-m", "embedlink.service.cli", "demo", "--min-tokens", "10", "--max-tokens", "5"
+        sys.executable,
+        "-m",
+        "embedlink.service.cli",
+        "demo",
+        "--min-tokens",
+        "10",
+        "--max-tokens",
+        "5",
     )
     assert p.returncode != 0
     assert "min-tokens" in p.stdout + p.stderr
