@@ -271,6 +271,60 @@ def test_the_same_item_in_two_concurrent_requests(pair):
     wait_for(pools_free(prod, cons), "pools free")
 
 
+def test_parallel_samples_share_their_parents_rooms(pair):
+    """``n > 1``: vLLM's front end makes one engine request per sample, each
+    with the parent's transfer params, so every sample names the same rooms.
+    Each sample waits for the shared rooms and runs; the rooms close when the
+    last sample ends."""
+    prod, cons = pair
+    items = [("aud-n", 4, 40), ("aud-n2", 60, 24)]
+    params, made = produce(prod, "pn", items, None)
+    for i in range(3):
+        cons.sched.add_request(make_request(f"{i}_cn", 100, items, params))
+    done = {f"{i}_cn" for i in range(3)}
+    run_until(cons, lambda: done <= set(cons.outputs), "every sample ends")
+    for rid in done:
+        assert cons.outputs[rid].finish_reason == FinishReason.LENGTH, cons.outputs[rid]
+    for ident, _start, _rows in items:
+        assert torch.equal(cons.cache[ident], made[ident])
+    wait_for(pools_free(prod, cons), "pools free")
+
+
+def test_a_sample_aborted_before_its_rooms_arrive_leaves_them_to_the_others(pair):
+    prod, cons = pair
+    rooms = [next(_rooms)]
+    items = [("aud-ab", 4, 20)]
+    params = {"embedlink": {"rooms": rooms}}
+    for i in range(2):
+        cons.sched.add_request(make_request(f"{i}_ab", 100, items, params))
+    cons.step()  # the shared room opens on the worker, once
+    wait_for(lambda: cons.worker._consumer.ep.pool_usage()[0] > 0, "the room reserved blocks")
+    cons.sched.finish_requests("0_ab", RequestStatus.FINISHED_ABORTED)
+    _, made = produce(prod, "p-ab", items, rooms)
+    run_until(cons, lambda: "1_ab" in cons.outputs, "the other sample ends")
+    assert cons.outputs["1_ab"].finish_reason == FinishReason.LENGTH
+    assert torch.equal(cons.cache["aud-ab"], made["aud-ab"])
+    wait_for(pools_free(prod, cons), "pools free")
+
+
+def test_a_room_named_by_two_requests_for_different_items_fails_the_second(pair):
+    _prod, cons = pair
+    rooms = [next(_rooms)]
+    cons.sched.add_request(
+        make_request("first", 100, [("aud-p", 4, 20)], {"embedlink": {"rooms": rooms}})
+    )
+    cons.sched.add_request(
+        make_request("second", 100, [("aud-q", 4, 20)], {"embedlink": {"rooms": rooms}})
+    )
+    run_until(cons, lambda: "second" in cons.outputs, "the second request fails")
+    assert cons.outputs["second"].finish_reason == FinishReason.ERROR
+    why = cons.sched.ec_connector._consumer_sched.last_failure("second")
+    assert f"room {rooms[0]} carries 'aud-p'" in why and "not 'aud-q'" in why, why
+    assert "first" not in cons.outputs  # still waiting for its producer
+    cons.sched.finish_requests("first", RequestStatus.FINISHED_ABORTED)
+    wait_for(pools_free(cons), "the consumer pool is free")
+
+
 def test_the_producer_assigns_rooms_when_the_router_gives_none(pair):
     """A proxy need not count a request's items: it sends an empty
     ``{"embedlink": {}}`` and passes on what the producer returns."""

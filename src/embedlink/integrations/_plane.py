@@ -235,9 +235,15 @@ class Mailbox:
 
 @dataclass
 class _CItem:
+    """One room on the consumer, shared by every request that names it
+    (vLLM's samples of one ``n > 1`` request carry the same params)."""
+
     item: Item
     room: int
     arrived: set[int] = field(default_factory=set)
+    #: the requests that wait on or hold this room; it closes with the last
+    users: set[str] = field(default_factory=set)
+    failed: str | None = None
 
 
 @dataclass
@@ -246,6 +252,9 @@ class _CRequest:
     items: list[_CItem]
     deadline: float
     failed: str | None = None
+    #: the request's own items, beside the (maybe shared) rooms: where each
+    #: placeholder ends is the request's
+    own: list[Item] = field(default_factory=list)
 
 
 class ConsumerScheduler:
@@ -268,7 +277,7 @@ class ConsumerScheduler:
         self._deadline = deadline
         self._clock = clock
         self._reqs: dict[str, _CRequest] = {}
-        self._by_room: dict[int, tuple[_CRequest, _CItem]] = {}
+        self._by_room: dict[int, _CItem] = {}
         self._ready: dict[str, set[int]] = {}  # identifier -> rooms arrived everywhere
         self._loads: dict[str, int] = {}  # identifier -> room, for this step's workers
         self._unavailable: dict[str, str] = {}
@@ -313,26 +322,53 @@ class ConsumerScheduler:
                     "or in the request's transfer params",
                 )
                 return False
-            req = _CRequest(
-                rid,
-                [_CItem(it, room) for it, room in zip(items, p.rooms, strict=True)],
-                self._clock() + self._deadline,
-            )
+            # A room another live request opened already is shared (the
+            # samples of one n > 1 request name the same rooms), if it
+            # carries the same item: nothing is asked of the workers twice.
+            for it, room in zip(items, p.rooms, strict=True):
+                ci = self._by_room.get(room)
+                if ci is not None and (ci.item.identifier, ci.item.num_embeds) != (
+                    it.identifier,
+                    it.num_embeds,
+                ):
+                    self._fail_new(
+                        rid,
+                        f"room {room} carries {ci.item.identifier!r} "
+                        f"({ci.item.num_embeds} rows) for request(s) {sorted(ci.users)}, "
+                        f"not {it.identifier!r} ({it.num_embeds} rows)",
+                    )
+                    return False
+            shared: list[_CItem] = []
+            new: list[_CItem] = []
+            for it, room in zip(items, p.rooms, strict=True):
+                ci = self._by_room.get(room)
+                if ci is None:
+                    ci = self._by_room[room] = _CItem(it, room)
+                    new.append(ci)
+                ci.users.add(rid)
+                shared.append(ci)
+            req = _CRequest(rid, shared, self._clock() + self._deadline, own=list(items))
             self._reqs[rid] = req
-            for ci in req.items:
-                self._by_room[ci.room] = (req, ci)
-            msg = {
-                "op": "open",
-                "rooms": [[ci.room, ci.item.identifier, ci.item.num_embeds] for ci in req.items],
-                "bootstrap": boot,
-                "dp_group": p.dp_group,
-            }
-            for w in self._workers:
-                self._box.post(w, msg)
+            gone = next((ci.failed for ci in shared if ci.failed is not None), None)
+            if gone is not None:
+                self._fail(req, gone)
+            if new:
+                msg = {
+                    "op": "open",
+                    "rooms": [[ci.room, ci.item.identifier, ci.item.num_embeds] for ci in new],
+                    "bootstrap": boot,
+                    "dp_group": p.dp_group,
+                }
+                for w in self._workers:
+                    self._box.post(w, msg)
             return False
         if req.failed is not None:
             return False
-        needed = [ci for ci in req.items if ci.item.end > num_computed or ci.item.end == 0]
+        needed = [
+            ci
+            for ci, it in zip(req.items, req.own, strict=True)
+            if it.end > num_computed or it.end == 0
+        ]
         if all(len(ci.arrived) == len(self._workers) for ci in needed):
             return True
         if self._clock() > req.deadline:
@@ -375,16 +411,22 @@ class ConsumerScheduler:
         self._unavailable.pop(rid, None)
         if req is None:
             return
+        closing = []
         for ci in req.items:
+            ci.users.discard(rid)
+            if ci.users:
+                continue  # another sample of the same request still needs it
+            closing.append(ci.room)
             self._by_room.pop(ci.room, None)
             rooms = self._ready.get(ci.item.identifier)
             if rooms is not None:
                 rooms.discard(ci.room)
                 if not rooms:
                     del self._ready[ci.item.identifier]
-        msg = {"op": "close", "rooms": [ci.room for ci in req.items]}
-        for w in self._workers:
-            self._box.post(w, msg)
+        if closing:
+            msg = {"op": "close", "rooms": closing}
+            for w in self._workers:
+                self._box.post(w, msg)
 
     def take_unavailable(self) -> dict[str, str]:
         """Requests to fail, with the reason (each returned once)."""
@@ -418,16 +460,17 @@ class ConsumerScheduler:
         self._box.flush()
         for msg in self._box.receive():
             op, room = msg.get("op"), msg.get("room")
-            hit = self._by_room.get(room) if isinstance(room, int) else None
-            if hit is None:
-                continue  # a request that ended meanwhile
-            req, ci = hit
+            ci = self._by_room.get(room) if isinstance(room, int) else None
+            if ci is None:
+                continue  # its requests ended meanwhile
             if op == "arrived":
                 ci.arrived.add(int(msg.get("rank", -1)))
                 if len(ci.arrived) == len(self._workers):
                     self._ready.setdefault(ci.item.identifier, set()).add(ci.room)
             elif op == "failed":
-                self._fail(req, f"room {room} on rank {msg.get('rank')}: {msg.get('reason')}")
+                ci.failed = f"room {room} on rank {msg.get('rank')}: {msg.get('reason')}"
+                for rid in sorted(ci.users):
+                    self._fail(self._reqs[rid], ci.failed)
 
 
 def lend(view: np.ndarray[Any, Any], on_free: Callable[[], None]) -> np.ndarray[Any, Any]:
