@@ -395,6 +395,15 @@ SETTINGS: tuple[Setting, ...] = (
         check=_at_least_one,
     ),
     Setting(
+        "register_interval",
+        "float",
+        10.0,
+        "seconds between an encoder's registrations with the bootstrap server after the "
+        "first (a restarted bootstrap server learns the encoder again within this long)",
+        _ENC,
+        check=_positive,
+    ),
+    Setting(
         "room_ttl",
         "float",
         600.0,
@@ -554,6 +563,7 @@ class Config:
                 dp_rank=v["dp_rank"],
                 advertise_host=v["advertise_host"],
                 port=v["port"],
+                register_interval=v["register_interval"],
             )
         else:
             kw.update(

@@ -467,6 +467,34 @@ def test_constructing_closing_and_restarting_leaks_nothing():
         assert threading.active_count() == threads
 
 
+def test_a_restarted_bootstrap_server_learns_the_encoder_again():
+    """A bootstrap server keeps its registry in memory. Restarted on its
+    address, it learns the encoder again within register_interval (the
+    failures while it was down are counted and named), and a language rank
+    that never cached the route finds the encoder through it."""
+    boot = BootstrapServer(host="127.0.0.1", port=0).start()
+    enc = EncoderEndpoint(
+        SCHEMA, num_blocks=16, bootstrap=boot.address, transports=("tcp",), register_interval=0.1
+    ).start()
+    address = boot.address
+    try:
+        boot.close()
+        until(lambda: enc.status()["registration"]["failures"] >= 1, what="a failed registration")
+        assert address in enc.status()["registration"]["last_error"]
+        boot = BootstrapServer(host="127.0.0.1", port=int(address.rsplit(":", 1)[1])).start()
+        assert boot.address == address
+        until(lambda: enc.status()["registration"]["last_error"] is None, what="registered again")
+        with LanguageEndpoint(SCHEMA, num_blocks=16, transports=("tcp",)) as lang:
+            rx = lang.receiver(bootstrap=address, room=1)
+            emb = make_embedding(SCHEMA, 40, 0, 1)
+            enc.sender(1).send(emb)
+            assert same_embedding(rx.wait(timeout=30), emb)
+    finally:
+        enc.close()
+        boot.close()
+    assert _embedlink_threads() == []
+
+
 def test_an_encoder_port_in_use_fails_start_and_leaks_nothing():
     """A taken control port is an OSError from start() naming the address,
     not a hang in close() (an unclosed ZeroMQ socket blocks its context's

@@ -276,8 +276,11 @@ class BootstrapServer:
                 f"tp_size/dp_size {sizes} contradict the registered {self._sizes}",
             )
         self._sizes = sizes
+        old = self._routes.get((info.dp_group, info.engine_rank))
         self._routes[(info.dp_group, info.engine_rank)] = info
-        log.info(
+        # encoders register again every few seconds: only news is worth a line
+        log.log(
+            logging.DEBUG if old == info else logging.INFO,
             "bootstrap: registered %s rank %d (dp %d) at %s:%d",
             info.role,
             info.engine_rank,

@@ -50,6 +50,7 @@ from .._common import EndpointBase, StepLock
 from .control import ControlLinks
 from .dispatch import Dispatcher
 from .early import EarlyRequests
+from .registration import Registration
 from .rooms import Rooms
 from .sender import SendContext, Sender
 from .sessions import Sessions
@@ -97,6 +98,7 @@ class EncoderEndpoint(EndpointBase):
         heartbeat_interval: float = 2.0,
         heartbeat_misses: int = 3,
         room_ttl: float = 600.0,
+        register_interval: float = 10.0,
         auth_secret: str | bytes | None = None,
         metrics_port: int | None = None,
         on_request: Callable[[RoomId], None] | None = None,
@@ -112,6 +114,8 @@ class EncoderEndpoint(EndpointBase):
             heartbeat_misses=heartbeat_misses,
             busy_poll_us=busy_poll_us,
         )
+        if register_interval <= 0:
+            raise ValueError(f"register_interval must be positive, got {register_interval}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         for t in transports:
@@ -133,6 +137,9 @@ class EncoderEndpoint(EndpointBase):
         self.local_control = local_control
         self.busy_poll_us = busy_poll_us
         self.room_ttl = room_ttl
+        #: seconds between registrations with the bootstrap server after the first
+        self.register_interval = register_interval
+        self._registration: Registration | None = None
         self._auth = Authenticator(auth_secret)
         self.metrics = EndpointMetrics(
             "encoder", lambda: self.allocator.num_free, lambda: self.allocator.num_used
@@ -258,18 +265,26 @@ class EncoderEndpoint(EndpointBase):
                 self.metrics.registry, self.host, self.metrics_port, status=self.status
             ).start()
         if self.bootstrap:
-            BootstrapClient(self.bootstrap, auth_secret=self._auth.key).register(
-                RouteInfo(
-                    role="encoder",
-                    tp_size=self.tp_size,
-                    dp_size=self.dp_size,
-                    rank_ip=self.advertise_host,
-                    rank_port=self.port,
-                    engine_rank=self.tp_rank,
-                    dp_group=self.dp_rank,
-                    status_address=self.metrics_address or "",
-                )
+            info = RouteInfo(
+                role="encoder",
+                tp_size=self.tp_size,
+                dp_size=self.dp_size,
+                rank_ip=self.advertise_host,
+                rank_port=self.port,
+                engine_rank=self.tp_rank,
+                dp_group=self.dp_rank,
+                status_address=self.metrics_address or "",
             )
+            BootstrapClient(self.bootstrap, auth_secret=self._auth.key).register(info)
+            # again every register_interval, for a bootstrap server that restarts
+            again = BootstrapClient(
+                self.bootstrap,
+                timeout=min(5.0, self.register_interval),
+                auth_secret=self._auth.key,
+            )
+            self._registration = Registration(
+                again, info, self.register_interval, f"embedlink-register-{self.tp_rank}"
+            ).start()
         log.info("encoder rank %d listening on %s", self.tp_rank, self.address)
 
     def close(self) -> None:
@@ -287,6 +302,8 @@ class EncoderEndpoint(EndpointBase):
                 self._loop.call_wait(self._rooms.end_all, "encoder endpoint closed")
             except TimeoutError:
                 log.warning("encoder: the loop did not end the open rooms before closing")
+        if self._registration is not None:
+            self._registration.close()
         self._loop.stop()
         self._writes.shutdown()
         self._sessions.shutdown_executors()
@@ -344,6 +361,7 @@ class EncoderEndpoint(EndpointBase):
             "rooms": rooms,
             "requests_without_sender": self._early.count(),
             "writes_in_flight": self._writes.outstanding,
+            "registration": None if self._registration is None else self._registration.describe(),
             "pool": pool_status(self.pool, self.allocator),
             "peers": self._sessions.describe(now, self._links.is_lane),
             "counters": vars(self.stats).copy(),
