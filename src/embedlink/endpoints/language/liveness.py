@@ -74,6 +74,8 @@ class Liveness(RoomEvents):
                 live.ask_again_at = now + self.heartbeat_interval
             elif now >= live.ask_again_at:
                 live.ask_again_at = now + self.heartbeat_interval
+                # counted before it is sent: whoever sees the repeat sees the count
+                self.abort_repeats += 1
                 self._links.send(
                     enc,
                     Abort(
@@ -83,7 +85,6 @@ class Liveness(RoomEvents):
                         reason=room.failure_reason or "aborted by receiver",
                     ),
                 )
-                self.abort_repeats += 1
 
     def _check_liveness(self, now: float) -> None:
         """Ping every encoder each ``heartbeat_interval``; one silent for
