@@ -149,10 +149,13 @@ def test_bootstrap_server_stopped_mid_traffic(spawn_encoder, transport):
     from embedlink import BootstrapServer
 
     boot = BootstrapServer(host="127.0.0.1", port=0).start()
+    # nobody dies here: heartbeats slow enough that a busy machine's pauses
+    # are not taken for a dead peer
+    calm = dict(heartbeat_interval=0.5, heartbeat_misses=10)
     enc = spawn_encoder(
-        bootstrap=boot.address, hidden_size=HIDDEN, num_blocks=64, transports=(transport,), **HB
+        bootstrap=boot.address, hidden_size=HIDDEN, num_blocks=64, transports=(transport,), **calm
     )
-    with LanguageEndpoint(SCHEMA, num_blocks=16, transports=(transport,), **HB) as lang:
+    with LanguageEndpoint(SCHEMA, num_blocks=16, transports=(transport,), **calm) as lang:
         first = lang.receiver(bootstrap=boot.address, room=1)  # route looked up and cached
         in_flight = lang.receiver(bootstrap=boot.address, room=2)
         enc.call("send", 1, 900)
