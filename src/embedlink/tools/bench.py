@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -286,6 +287,11 @@ def _bench_language(cfg: dict[str, Any], cmds: Any, replies: Any) -> None:
 
 
 # --------------------------------------------------------------------------- raw limits
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant figures (NaN and infinities as they are)."""
+    return float(f"{x:.{digits}g}") if math.isfinite(x) else x
 
 
 def _best(fn: Callable[[], None], nbytes: int, repeat: int, budget: float = 2.0) -> float:
@@ -836,9 +842,11 @@ def _row(
         mode=mode,
         rooms=k,
         nbytes_per_room=nbytes,
-        gbps=round(gbps, 3),
-        raw_gbps=round(raw, 3),
-        ratio_to_raw=round(gbps / raw, 3) if raw else float("nan"),
+        # significant figures, not decimals: a slow small-room row on a busy
+        # host is a few MB/s, which three decimals of GB/s would print as 0
+        gbps=_sig(gbps),
+        raw_gbps=_sig(raw),
+        ratio_to_raw=_sig(gbps / raw) if raw else float("nan"),
         rooms_per_s=round(len(done) / span, 1),
         p50_ms=round(_pct(lat, 50) * 1e3, 3),
         p99_ms=round(_pct(lat, 99) * 1e3, 3),
