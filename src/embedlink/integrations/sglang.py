@@ -507,7 +507,12 @@ class EmbedlinkWaitingRequest(_receiver.WaitingZmqRequest):  # type: ignore[misc
         # the scheduler registers receive_count = its TP size with the encoder
         tp_size = int(self.receive_count)
         ep = self._el_plane.endpoint(int(spec["width"]), str(r.info["dtype"]), _tp_rank(), tp_size)
-        p.rx = ep.receiver(encoder=str(spec["address"]), room=part_room(p.rid))
+        # every TP rank receives the part: the encoder's room waits for all
+        # of them (one sender, one write per rank), as SGLang's encoder waits
+        # for receive_count destinations
+        p.rx = ep.receiver(
+            encoder=str(spec["address"]), room=part_room(p.rid), required_dst_info_num=tp_size
+        )
         return True
 
     def _el_arrived(self, p: _Part) -> None:
