@@ -149,6 +149,18 @@ class _EncoderPlane:
                 for w, ep in self.endpoints.items()
             },
             "open_rooms": open_rooms,
+            # per width: the language sessions (one per scheduler TP rank)
+            # registered, and what was written to them (one chunk per
+            # destination rank and per resume)
+            "delivered": {
+                str(w): {
+                    "sessions": len(ep.sessions()),
+                    "chunks_written": ep.stats.chunks_written,
+                    "bytes_written": ep.stats.bytes_written,
+                    "write_failures": ep.stats.write_failures,
+                }
+                for w, ep in self.endpoints.items()
+            },
         }
 
     def sender(self, part_rid: str, modality: str) -> Sender:
