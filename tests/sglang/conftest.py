@@ -3,7 +3,9 @@
 The test process is a language-side scheduler rank: SGLang's config is
 published once, a gloo TP group of one is up, and SGLang's own
 ``load_plugins()`` has installed the plugin (``EMBEDLINK_SGLANG=1``).
-Encoders run in processes of their own (``embedlink.tools.sglang_testbed.encoder_main``)."""
+Encoders run in processes of their own (``embedlink.tools.sglang_testbed.encoder_main``),
+and so do the scheduler ranks of a TP group larger than one
+(``spawn_language_ranks``: ``language_rank_main``)."""
 
 from __future__ import annotations
 
@@ -223,3 +225,88 @@ def encoder_state(url: str, timeout: float = 30.0, rooms: bool = True) -> dict[s
         if (quiet and (not rooms or state.get("open_rooms") == 0)) or time.monotonic() > deadline:
             return state
         time.sleep(0.05)
+
+
+class LanguageRank:
+    """One scheduler rank in its own process
+    (``embedlink.tools.sglang_testbed.language_rank_main``), its output read
+    on a thread; ``wait_for(prefix)`` waits (bounded) for a line."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append("")  # end of output
+            self._cond.notify_all()
+
+    def wait_for(self, prefix: str, timeout: float) -> str:
+        def found() -> str | None:
+            for line in self.lines:
+                if line.startswith(prefix):
+                    return line
+            return "EOF" if self.lines and self.lines[-1] == "" else None
+
+        with self._cond:
+            line = self._cond.wait_for(found, timeout=timeout)
+        if not line or line == "EOF":
+            raise AssertionError(
+                f"language rank: no {prefix.strip()!r} line (exit {self.proc.poll()}):\n"
+                + "".join(self.lines[-60:])
+            )
+        return line
+
+    def send(self, job: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.wait_for("RESULT ", timeout)[len("RESULT ") :])
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def spawn_language_ranks(model_dir: str) -> Iterator[Any]:
+    """Start ``tp_size`` scheduler ranks forming one gloo TP group; returns
+    them once every rank said ``READY`` (its group is up, its
+    ``MMReceiverHTTP`` built)."""
+    started: list[LanguageRank] = []
+
+    def spawn(tp_size: int = 2, deadline: float = 120.0) -> list[LanguageRank]:
+        port = sglang_env.free_port()
+        ranks = []
+        for r in range(tp_size):
+            spec = {"rank": r, "tp_size": tp_size, "dist_port": port, "deadline": deadline}
+            proc = subprocess.Popen(
+                [sys.executable, "-m", sglang_env.__name__, "--language-rank", model_dir,
+                 json.dumps(spec)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=dict(os.environ),
+            )  # fmt: skip
+            lr = LanguageRank(proc)
+            started.append(lr)
+            ranks.append(lr)
+        for r, lr in enumerate(ranks):
+            assert lr.wait_for("READY ", 180).split()[1] == str(r)
+        return ranks
+
+    yield spawn
+    for lr in started:
+        lr.stop()

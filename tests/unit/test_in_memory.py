@@ -183,6 +183,33 @@ def test_a_room_that_resumes_moves_entirely_through_memory() -> None:
             enc.close()
 
 
+def test_a_direct_room_waits_for_every_rank_it_is_told_of() -> None:
+    """``encoder=`` given directly and ``required_dst_info_num=2`` (two
+    language TP ranks, as the SGLang plugin opens a part): the encoder's room
+    sends once both asked, and each rank gets the whole embedding."""
+    with in_memory():
+        enc, lang0 = pair(tp_rank=0, tp_size=2)
+        lang1 = LanguageEndpoint(
+            SCHEMA, num_blocks=32, block_size=8, default_tokens=16, transports=["memory"],
+            heartbeat_interval=0.2, tp_rank=1, tp_size=2,
+        ).start()  # fmt: skip
+        try:
+            emb = make_embedding(SCHEMA, 50, 3, 1)  # resumes at each rank
+            with pytest.raises(ValueError, match="at least 1"):
+                lang0.receiver(room=5, encoder=enc.address, required_dst_info_num=0)
+            rx0 = lang0.receiver(room=5, encoder=enc.address, required_dst_info_num=2)
+            rx1 = lang1.receiver(room=5, encoder=enc.address, required_dst_info_num=2)
+            enc.sender(5).send(emb)
+            assert same_embedding(rx0.wait(timeout=20), emb)
+            assert same_embedding(rx1.wait(timeout=20), emb)
+            assert enc.stats.write_failures == 0
+            assert set(enc.sessions()) == {lang0.session, lang1.session}
+        finally:
+            lang1.close()
+            lang0.close()
+            enc.close()
+
+
 def test_a_failing_write_fails_the_room_with_the_transport_reason() -> None:
     with in_memory() as (transport, _):
         enc, lang = pair()

@@ -149,6 +149,18 @@ class _EncoderPlane:
                 for w, ep in self.endpoints.items()
             },
             "open_rooms": open_rooms,
+            # per width: the language sessions (one per scheduler TP rank)
+            # registered, and what was written to them (one chunk per
+            # destination rank and per resume)
+            "delivered": {
+                str(w): {
+                    "sessions": len(ep.sessions()),
+                    "chunks_written": ep.stats.chunks_written,
+                    "bytes_written": ep.stats.bytes_written,
+                    "write_failures": ep.stats.write_failures,
+                }
+                for w, ep in self.endpoints.items()
+            },
         }
 
     def sender(self, part_rid: str, modality: str) -> Sender:
@@ -507,7 +519,12 @@ class EmbedlinkWaitingRequest(_receiver.WaitingZmqRequest):  # type: ignore[misc
         # the scheduler registers receive_count = its TP size with the encoder
         tp_size = int(self.receive_count)
         ep = self._el_plane.endpoint(int(spec["width"]), str(r.info["dtype"]), _tp_rank(), tp_size)
-        p.rx = ep.receiver(encoder=str(spec["address"]), room=part_room(p.rid))
+        # every TP rank receives the part: the encoder's room waits for all
+        # of them (one sender, one write per rank), as SGLang's encoder waits
+        # for receive_count destinations
+        p.rx = ep.receiver(
+            encoder=str(spec["address"]), room=part_room(p.rid), required_dst_info_num=tp_size
+        )
         return True
 
     def _el_arrived(self, p: _Part) -> None:

@@ -12,6 +12,9 @@ model: the model's multimodal processor (:class:`RecordingMMProcessor`), the
 encoder's constructor (:func:`encoder_shell`: it loads weights), its HF
 preprocessing and vision forward (:func:`fake_model_stage`), and the
 scheduler fields ``create_req`` reads (:func:`scheduler_stub`).
+:func:`language_rank_main` runs one scheduler rank of a TP group in a
+process of its own (``python -m embedlink.tools.sglang_testbed
+--language-rank``); without GPUs its TP group is gloo only (no NCCL).
 """
 
 from __future__ import annotations
@@ -332,5 +335,134 @@ def encoder_main(argv: list[str]) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
+def _modality_keys(assigned: dict[str, list[int]]) -> Any:
+    """``num_items_assigned`` from JSON (``{"IMAGE": [1, 1]}``) back to
+    SGLang's ``{Modality.IMAGE: [1, 1]}``."""
+    from sglang.srt.managers.schedule_batch import Modality
+
+    return {Modality[name]: list(n) for name, n in assigned.items()}
+
+
+def language_rank_main(argv: list[str]) -> None:
+    """One scheduler rank of a language-only server with tensor parallelism,
+    without a model: SGLang's config published for this rank
+    (``ServerArgs(tp_size=N)``, ``SpawnRanks(world_rank=R)``), a real gloo TP
+    group of N (SGLang's ``init_distributed_environment`` and
+    ``initialize_model_parallel``), SGLang's scheduler-side ``MMReceiverHTTP``
+    (plugins loaded by SGLang's ``load_plugins()``: ``EMBEDLINK_SGLANG=1``
+    in the environment); the model's processor and the scheduler's fields
+    stood in for (:class:`RecordingMMProcessor`, :func:`scheduler_stub`).
+
+    ``argv``: MODEL_DIR JSON (``{"rank": R, "tp_size": N, "dist_port": P,
+    "deadline": seconds}``). Prints ``READY <tp_rank>`` once the group is up,
+    then reads one JSON line on stdin, the request as the tokenizer
+    dispatched it (``{"rid", "assigned": {"IMAGE": [1, 1]}, "urls",
+    "expect": [[part id, tokens], ...]}``; ``expect`` empty for a request
+    meant to fail), ticks ``process_waiting_requests`` until it is ready or
+    aborted (every rank ticks: SGLang all-reduces the statuses over the TP
+    group on each tick) and prints one line ``RESULT {json}``: its status,
+    whether the aggregated embedding is byte-identical to the expected rows
+    (:func:`expected_rows` of :func:`part_seed`), the abort's text and code,
+    the plugin's :func:`~embedlink.integrations.sglang.status_report` once
+    the pools are free. Exits right after (``os._exit``: nothing to flush,
+    and the gloo group and SGLang's threads need no teardown)."""
+    model_dir, spec = argv[0], json.loads(argv[1])
+    rank, tp_size = int(spec["rank"]), int(spec.get("tp_size", 2))
+    # no GPUs: SGLang's TP groups would build a NCCL communicator over the
+    # gloo group wherever torch finds libnccl (a CUDA build of torch); point
+    # it at none, as on a machine without NCCL, so the groups are gloo only
+    os.environ.setdefault("SGLANG_NCCL_SO_PATH", "/nonexistent/embedlink-no-nccl/libnccl.so.2")
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    import hashlib
+    import time
+
+    import torch
+    from sglang.srt.disaggregation.encoder.receiver import MMReceiverHTTP
+    from sglang.srt.distributed.parallel_state import (
+        init_distributed_environment,
+        initialize_model_parallel,
+    )
+    from sglang.srt.runtime_context import SpawnRanks, get_parallel, publish
+
+    sa = server_args(model_dir, language_only=True, encoder_urls=[], tp_size=tp_size)
+    publish(sa, role="scheduler", ranks=SpawnRanks(world_rank=rank, dp_rank=None, gpu_id=0))
+    init_distributed_environment(
+        world_size=tp_size,
+        rank=rank,
+        local_rank=rank,
+        backend="gloo",
+        distributed_init_method=f"tcp://127.0.0.1:{int(spec['dist_port'])}",
+    )
+    initialize_model_parallel()  # at the published widths (tp_size)
+    rx = MMReceiverHTTP(sa, dtype=torch.bfloat16, hf_config=None, scheduler=scheduler_stub())
+    rx.mm_processor = RecordingMMProcessor()
+    tp_rank = int(get_parallel().tp_rank)
+    print(f"READY {tp_rank}", flush=True)
+
+    job = json.loads(sys.stdin.readline())
+    rid = str(job["rid"])
+    req = recv_req(rid, _modality_keys(job["assigned"]), list(job["urls"]))
+    deadline = time.monotonic() + float(spec.get("deadline", 120))
+    ready: list[Any] = []
+    aborted: list[Any] = []
+    ticks = 1
+    out, ab = rx.process_waiting_requests([req])
+    waiting = rx.waiting_by_rid.get(rid)
+    waiting_cls = None if waiting is None else type(waiting).__name__
+    while True:
+        ready += out
+        aborted += ab
+        if ready or aborted or time.monotonic() > deadline:
+            break
+        time.sleep(0.002)  # the scheduler's next tick
+        out, ab = rx.process_waiting_requests([])
+        ticks += 1
+
+    result: dict[str, Any] = {
+        "rank": rank,
+        "tp_rank": tp_rank,
+        "tp_size": int(rx.tp_size),
+        "waiting_class": waiting_cls,
+        "ticks": ticks,
+        "status": "ready" if ready else "aborted" if aborted else "deadline",
+    }
+    if aborted:
+        result["abort"] = [str(aborted[0][1]), int(aborted[0][2] or 0)]
+    if ready:
+        (_prompt, embeddings, meta) = rx.mm_processor.calls[-1]
+        (got,) = embeddings.values()
+        want = torch.cat(
+            [expected_rows(int(n), HIDDEN, part_seed(str(p))) for p, n in job["expect"]]
+        )
+        raw = got.contiguous().view(torch.int16).numpy().tobytes()
+        same = got.dtype == want.dtype and torch.equal(
+            got.view(torch.int16), want.view(torch.int16)
+        )
+        result.update(
+            shape=list(got.shape),
+            dtype=str(got.dtype),
+            bytes_equal=same,
+            sha256=hashlib.sha256(raw).hexdigest(),
+            want_sha256=hashlib.sha256(want.view(torch.int16).numpy().tobytes()).hexdigest(),
+            grids=meta["img_grid_thw"].tolist() if "img_grid_thw" in meta else None,
+        )
+    from embedlink.integrations.sglang import status_report
+
+    until = time.monotonic() + 30
+    rep = status_report()
+    while any(v["used"] for v in rep["language"].values()) and time.monotonic() < until:
+        time.sleep(0.01)
+        rep = status_report()
+    result["report"] = rep
+    result["waiting_left"] = len(rx.waiting_list)
+    print("RESULT " + json.dumps(result), flush=True)
+    os._exit(0)
+
+
 if __name__ == "__main__":
-    encoder_main(sys.argv[1:])
+    if sys.argv[1:2] == ["--language-rank"]:
+        language_rank_main(sys.argv[2:])
+    else:
+        encoder_main(sys.argv[1:])

@@ -331,6 +331,7 @@ class LanguageEndpoint(EndpointBase, Liveness):
         dp_group: int | None = None,
         tokens: int | None = None,
         on_done: Callable[[RoomId], None] | None = None,
+        required_dst_info_num: int | None = None,
     ) -> Receiver:
         """Reserve ``default_tokens`` and ask the encoder for ``room``.
 
@@ -347,6 +348,13 @@ class LanguageEndpoint(EndpointBase, Liveness):
         address, a room id that is still live here or a reservation larger
         than the pool; RuntimeError unless the endpoint is running.
 
+        ``required_dst_info_num``: with ``encoder=`` given directly, how many
+        destination ranks (this one included) the encoder's room waits for
+        before it sends, as the bootstrap route decides otherwise (SGLang's
+        mapping); default 1. Every rank asking for the room must give the
+        same number (the encoder refuses one that disagrees); ignored with
+        ``bootstrap=``.
+
         ``on_done(room)``, when given, is called once when the room ends
         (``Success`` or ``Failed``), on the endpoint's loop thread or, for an
         abort, on the aborting thread: it must return at once (hand the room
@@ -362,6 +370,12 @@ class LanguageEndpoint(EndpointBase, Liveness):
         if not self._started or self._closed:
             raise RuntimeError("the endpoint is not running (start() it first)")
         required = 1
+        if required_dst_info_num is not None and encoder is not None:
+            if required_dst_info_num < 1:
+                raise ValueError(
+                    f"required_dst_info_num must be at least 1, got {required_dst_info_num}"
+                )
+            required = required_dst_info_num
         route: tuple[str, int | None] | None = None
         if encoder is None:
             if bootstrap is None:
