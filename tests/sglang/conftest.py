@@ -200,14 +200,10 @@ def tick_until_done(
 
 def pools_free(timeout: float = 30.0) -> dict[str, Any]:
     """Wait until every language pool of this process is free; the report."""
-    from embedlink.integrations.sglang import status_report
+    from embedlink.integrations.sglang import status_report, wait_language_pools_free
 
-    deadline = time.monotonic() + timeout
-    while True:
-        rep = status_report()
-        if all(v["used"] == 0 for v in rep["language"].values()) or time.monotonic() > deadline:
-            return rep
-        time.sleep(0.01)
+    wait_language_pools_free(timeout)
+    return status_report()
 
 
 def encoder_state(url: str, timeout: float = 30.0, rooms: bool = True) -> dict[str, Any]:

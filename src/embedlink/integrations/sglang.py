@@ -399,6 +399,15 @@ def status_report() -> dict[str, Any]:
     return out
 
 
+def wait_language_pools_free(timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds until every language pool of this
+    process is free (blocks come back when SGLang releases its requests);
+    True if they all are. Waits on each pool's allocator, not by polling."""
+    deadline = time.monotonic() + timeout
+    eps = [] if _language_plane is None else list(_language_plane.endpoints.values())
+    return all(ep.allocator.wait_all_free(max(0.0, deadline - time.monotonic())) for ep in eps)
+
+
 @dataclass
 class _Arrived:
     """An embedlink part's tensor, handed through ``consume_parts`` in place

@@ -448,14 +448,10 @@ def language_rank_main(argv: list[str]) -> None:
             want_sha256=hashlib.sha256(want.view(torch.int16).numpy().tobytes()).hexdigest(),
             grids=meta["img_grid_thw"].tolist() if "img_grid_thw" in meta else None,
         )
-    from embedlink.integrations.sglang import status_report
+    from embedlink.integrations.sglang import status_report, wait_language_pools_free
 
-    until = time.monotonic() + 30
-    rep = status_report()
-    while any(v["used"] for v in rep["language"].values()) and time.monotonic() < until:
-        time.sleep(0.01)
-        rep = status_report()
-    result["report"] = rep
+    wait_language_pools_free(30.0)
+    result["report"] = status_report()
     result["waiting_left"] = len(rx.waiting_list)
     print("RESULT " + json.dumps(result), flush=True)
     os._exit(0)
