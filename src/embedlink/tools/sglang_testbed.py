@@ -156,20 +156,23 @@ def part_seed(part_rid: str) -> int:
     return sum(map(ord, part_rid)) * 31 + len(part_rid)
 
 
-_BASES: dict[tuple[int, int], Any] = {}
+_OUTPUTS: dict[tuple[int, int], Any] = {}
 
 
 def bench_rows(n: int, width: int, seed: int) -> Any:
-    """A fresh ``[n, width]`` bfloat16 output for the bench: a cached random
-    base (made once per size), copied, with ``seed`` in its first row (one
-    memcpy, as a vision tower writes its output; ``randn`` per part would
-    cost more than any transfer measured)."""
+    """A ``[n, width]`` bfloat16 output for the bench: a cached random base
+    (made once per size) copied into a buffer nothing else holds (one memcpy,
+    as a vision tower writes its output into memory its caching allocator
+    holds: :class:`~embedlink.tools.outputs.FreeBuffers`), with ``seed`` in
+    its first row. ``randn`` per part would cost more than any transfer
+    measured, and a fresh tensor per part would measure page faults."""
+    from .outputs import FreeBuffers
 
-    base = _BASES.get((n, width))
-    if base is None:
-        base = expected_rows(n, width, 12345)
-        _BASES[(n, width)] = base
-    out = base.clone()
+    outputs = _OUTPUTS.get((n, width))
+    if outputs is None:
+        outputs = _OUTPUTS[(n, width)] = FreeBuffers(expected_rows(n, width, 12345), ready=2)
+    out = outputs.take()
+    out.copy_(outputs.like)
     out[0, 0] = float(seed % 251)
     return out
 

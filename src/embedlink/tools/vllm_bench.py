@@ -102,6 +102,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .outputs import FreeBuffers
+
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
 __all__ = [
@@ -294,16 +296,6 @@ def _fill(slot: Any, base: Any, k: int) -> None:
     slot[rows - s :].copy_(base[:s])
 
 
-def _storage_uses(torch: Any, t: Any) -> int:
-    """How many references the storage under ``t`` has (``t`` itself and the
-    storage object made to ask count two); 0 where torch cannot say, and
-    then the tensor's own reference count decides alone."""
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None:
-        return 0
-    return int(use_count(t.untyped_storage()._cdata))
-
-
 def _verify(t: Any, base: Any, k: int) -> str | None:
     """None when ``t`` is byte for byte item ``k``, else what differs."""
     import torch
@@ -389,24 +381,19 @@ class _Runner:
         self.cache: dict[str, Any] = {}
         self.v2 = ActiveECConnector(vllm_config, self.cache) if runner == "v2" else None
         self.base: Any = None
-        self.slots: list[Any] = []
-        #: output buffers made in the timed part because every slot was held
-        self.grown = 0
+        self.outputs: FreeBuffers | None = None
         self.seen: set[str] = set()
 
     def prepare(self, rows: int, width: int, dtype: str, seed: int, n_slots: int) -> None:
-        import torch
-
         self.cache.clear()
-        self.grown = 0
         self.base = _make_base(rows, width, dtype, seed)
-        # the encoder's output buffers, written once so that no page faults
-        # in the timed part (as a long-running runner's memory)
-        self.slots = []
-        for _ in range(n_slots):
-            slot = torch.empty_like(self.base)
-            slot.copy_(self.base)
-            self.slots.append(slot)
+        # the encoder's output buffers, faulted in before the timed part
+        self.outputs = FreeBuffers(self.base, ready=n_slots)
+
+    @property
+    def grown(self) -> int:
+        """Output buffers made in the timed part because every one was held."""
+        return 0 if self.outputs is None else self.outputs.grown
 
     def step(
         self, so: Any, encode: Sequence[str], expect: Sequence[str]
@@ -462,32 +449,16 @@ class _Runner:
             if why is not None:
                 bad[ident] = f"received tensor differs from the one sent: {why}"
 
-    def _free_slot(self) -> Any:
-        """An output buffer nothing else holds, as a runner's allocator would
-        hand out: a slot still referenced (by an encoder-cache entry, or by a
-        connector still sending it) is not written over; when every slot is
-        held, a new one is made. Writing into a held slot would change a
-        tensor a connector is still reading (vLLM never rewrites a cached
-        encoder output)."""
-        import torch
-
-        for slot in self.slots:
-            # this list, the loop variable and getrefcount's argument hold
-            # the tensor; a view of it (a torch slice) holds its storage
-            if sys.getrefcount(slot) <= 3 and _storage_uses(torch, slot) <= 2:
-                return slot
-        slot = torch.empty_like(self.base)
-        slot.copy_(self.base)
-        self.slots.append(slot)
-        self.grown += 1
-        return slot
-
     def _encode(
         self, encode: Sequence[str], saved: dict[str, int], save: Callable[[str], None] | None
     ) -> None:
         for ident in encode:
             k = _index(ident)
-            slot = self._free_slot()
+            # a buffer nothing holds: writing into one a connector is still
+            # sending from would change a tensor it is reading (vLLM never
+            # rewrites a cached encoder output)
+            assert self.outputs is not None
+            slot = self.outputs.take()
             _fill(slot, self.base, k)  # the audio tower computing the output
             saved[ident] = time.monotonic_ns()
             self.cache[ident] = slot  # _cache_encoder_output, then the save hook
