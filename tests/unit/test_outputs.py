@@ -8,7 +8,7 @@ import gc
 
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="torch not installed (EMBEDLINK_TEST_TORCH=0)")
 
 from embedlink.tools.outputs import FreeBuffers, storage_uses  # noqa: E402
 

@@ -53,13 +53,13 @@ class FreeBuffers:
         self.grown = 0
 
     def take(self) -> Any:
-        import torch
-
         for slot in self.slots:
             # this list, the loop variable and getrefcount's argument hold
             # the tensor; a view of it (a torch slice) holds its storage
             if sys.getrefcount(slot) <= 3 and storage_uses(slot) <= 2:
                 return slot
+        import torch
+
         slot = torch.empty_like(self.like)
         self.slots.append(slot)
         self.grown += 1
